@@ -1,0 +1,238 @@
+"""torch_dist checkpoints: model, optimizer, scheduler, RNG, iteration and data position.
+
+Layout of a save directory::
+
+    SAVE/iter_0000010/        a megatron-core distributed checkpoint (torch_dist)
+    SAVE/iter_0000010/config.yaml   the full resolved training config
+    SAVE/latest               the newest complete iteration (written last, atomically)
+
+A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, so a killed
+run never leaves a directory that looks complete. The optimizer is saved in megatron-core's
+``fully_reshardable`` format, so a checkpoint saved at one TP/PP/EP loads at another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from megatron_geno.config import ModelConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# Fields that must agree between a checkpoint and the model that loads it.
+ARCHITECTURE_FIELDS = [
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+    "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
+]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, corrupt or does not match the model."""
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def iteration_dir(save: str | Path, iteration: int) -> Path:
+    return Path(save) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(directory: str | Path) -> Optional[int]:
+    """Returns the iteration in DIR/latest, or None when DIR holds no complete checkpoint."""
+    marker = Path(directory) / "latest"
+    if not marker.exists():
+        return None
+    text = marker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{marker} is corrupt: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) -> Path:
+    """Returns the torch_dist directory for a save dir (+ iteration) or an iter_N dir itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (path / "metadata.json").exists() and iteration is None:
+        return path
+    if iteration is None:
+        iteration = latest_iteration(path)
+        if iteration is None:
+            raise CheckpointError(f"{path} holds no complete checkpoint (no 'latest' file)")
+    ckpt = iteration_dir(path, iteration)
+    if not (ckpt / "metadata.json").exists():
+        raise CheckpointError(f"checkpoint {ckpt} is missing or incomplete (no metadata.json)")
+    return ckpt
+
+
+def _sharded_rng_state() -> ShardedObject:
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+def _restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout(cfg: TrainConfig) -> dict:
+    p = cfg.parallel
+    return {
+        "tensor_parallel": p.tensor_parallel,
+        "pipeline_parallel": p.pipeline_parallel,
+        "expert_parallel": p.expert_parallel,
+        "context_parallel": p.context_parallel,
+        "world_size": torch.distributed.get_world_size(),
+    }
+
+
+# The optimizer state in canonical (per-parameter) form: loads at any TP/PP/EP/DP.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def _unwrap(model):
+    """Returns the GPTModel inside megatron-core's DDP wrapper (tensor keys without 'module.')."""
+    chunk = model[0]
+    return getattr(chunk, "module", chunk)
+
+
+def _model_sharded_state_dict(model) -> dict:
+    return _unwrap(model).sharded_state_dict()
+
+
+def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> Path:
+    """Saves a complete checkpoint under cfg.checkpoint.save and returns its directory."""
+    save = Path(cfg.checkpoint.save)
+    final = iteration_dir(save, state.iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    torch.distributed.barrier()
+    model_sd = _model_sharded_state_dict(model)
+    sharded = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+        "rng_state": _sharded_rng_state(),
+        "scheduler": scheduler.state_dict(),
+        "train_state": dataclasses.asdict(state),
+        "model_config": dataclasses.asdict(cfg.model),
+        "layout": _layout(cfg),
+    }
+    dist_checkpointing.save(sharded, str(tmp))
+    torch.distributed.barrier()
+    if rank0:
+        (tmp / "config.yaml").write_text(cfg.to_yaml())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker_tmp = save / "latest.tmp"
+        marker_tmp.write_text(f"{state.iteration}\n")
+        os.replace(marker_tmp, save / "latest")
+    torch.distributed.barrier()
+    return final
+
+
+def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
+    """Raises CheckpointError naming the first architecture field that differs."""
+    current = dataclasses.asdict(model)
+    for name in ARCHITECTURE_FIELDS:
+        if name in saved and saved[name] != current[name]:
+            raise CheckpointError(
+                f"checkpoint {where} has model.{name}={saved[name]} but the config says "
+                f"model.{name}={current[name]}"
+            )
+
+
+def _allocate_optimizer_state(optimizer) -> None:
+    """Gives every parameter an (empty) Adam state before a load.
+
+    With torch's Adam (no Transformer Engine or apex) the state, and its per-parameter 'step', is
+    created lazily at the first step, and megatron-core's DistributedOptimizer.state_dict()
+    asserts on it; loading overwrites these placeholders, step included.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner is None or len(inner.state):
+            continue
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """Gives each parameter its own Adam ``step`` tensor after a load.
+
+    Without TE / apex, megatron-core restores one ``step`` tensor object into every parameter's
+    state; torch's Adam increments it in place once per parameter, so the bias correction of
+    the following steps would be wrong.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if opt.optimizer is None:
+            continue
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+
+
+def load_checkpoint(
+    cfg: TrainConfig, model, optimizer, scheduler, iteration: Optional[int] = None
+) -> TrainState:
+    """Loads cfg.checkpoint.load into model (and optimizer, scheduler, RNG unless weights_only)."""
+    ckpt = resolve_checkpoint_dir(cfg.checkpoint.load, iteration)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as err:  # torch.load errors vary by corruption
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
+    if "model_config" in common:
+        check_architecture(common["model_config"], cfg.model, ckpt)
+    weights_only = cfg.checkpoint.weights_only
+    same_layout = common.get("layout") == _layout(cfg)
+    model_sd = _model_sharded_state_dict(model)
+    sharded = {"model": model_sd}
+    if not weights_only:
+        _allocate_optimizer_state(optimizer)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
+        )
+        if same_layout:
+            sharded["rng_state"] = _sharded_rng_state()
+    try:
+        loaded = dist_checkpointing.load(sharded, str(ckpt))
+    except Exception as err:
+        raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
+    _unwrap(model).load_state_dict(loaded["model"])
+    if weights_only:
+        log.info("loaded weights from %s (fresh optimizer, schedule and data position)", ckpt)
+        return TrainState()
+    optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
+    scheduler.load_state_dict(loaded["scheduler"])
+    if "rng_state" in loaded:
+        _restore_rng_state(loaded["rng_state"])
+    state = TrainState(**loaded["train_state"])
+    log.info("resumed from %s at iteration %d", ckpt, state.iteration)
+    return state

@@ -1,0 +1,250 @@
+"""Training configuration: dataclasses, loaded from YAML with ``key.sub=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration a user can fix: the message names the key or value at fault."""
+
+
+@dataclass
+class ModelConfig:
+    """The Genos architecture; presets (megatron_geno.presets) fill every field."""
+
+    preset: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None  # default: hidden_size // num_attention_heads
+    num_experts: int = 8
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: int = 128
+    norm_epsilon: float = 1e-5
+    rotary_base: int = 50_000_000
+    max_position_embeddings: int = 1_048_576
+    make_vocab_size_divisible_by: int = 128  # the padded vocabulary is a multiple of this x TP
+    moe_aux_loss_coeff: float = 1e-3
+    moe_z_loss_coeff: float = 1e-3
+    moe_router_pre_softmax: bool = False  # Genos: softmax over all experts, then top-k
+    moe_token_dispatcher: str = "auto"  # auto: alltoall with CUDA, allgather on CPU
+    moe_grouped_gemm: str = "auto"  # auto: on with Transformer Engine; or on / off
+    init_method_std: float = 0.02
+    attention_backend: str = "auto"  # auto: Transformer Engine if importable, else sdpa
+
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    expert_parallel: int = 1
+    expert_tensor_parallel: int = 1
+    sequence_parallel: bool = True  # used whenever tensor_parallel > 1 (MoE requires it)
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+
+
+@dataclass
+class DataConfig:
+    # "synthetic": deterministic synthetic genome; "megatron": .bin/.idx prefixes in `blend`
+    source: str = "synthetic"
+    blend: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] or [prefix]
+    split: str = "98,1,1"
+    seq_length: int = 256
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    synthetic_genome_length: int = 200_000
+    synthetic_seed: int = 1234
+    cache_dir: Optional[str] = None
+    tokenizer: str = "geno"  # "geno" (built in) or a HuggingFace tokenizer directory
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    train_iters: int = 100
+    warmup_iters: int = 10
+    decay_style: str = "cosine"
+    eval_interval: int = 50
+    eval_iters: int = 2
+    seed: int = 1234
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
+    load: Optional[str] = None
+    weights_only: bool = False  # load model weights only: fresh optimizer, schedule and data position
+    save_on_signal: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    tensorboard: bool = True
+    quiet: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    precision: str = "auto"  # auto: bf16 with CUDA, fp32 on CPU; or fp32 / bf16
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Returns (key path, value) from ``a.b=c``; the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _set_nested(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """Turns a YAML value into the type of the field's default (ints given for floats, etc.)."""
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return type(default)(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    if isinstance(default, list) and not isinstance(value, list):
+        return [value]
+    return value
+
+
+def _build(cls, values: dict, where: str, base=None):
+    base = base if base is not None else cls()
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {where}{key} (known: {', '.join(known)})")
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} is a section; give it as a mapping")
+            kwargs[key] = _build(type(current), value, f"{where}{key}.", current)
+        else:
+            kwargs[key] = _coerce(f"{where}{key}", value, current)
+    return dataclasses.replace(base, **kwargs)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Returns the resolved TrainConfig from a YAML file, then preset defaults, then overrides."""
+    from megatron_geno.presets import get_preset
+
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+    for text in overrides or []:
+        _set_nested(tree, *parse_override(text))
+
+    model_tree = dict(tree.pop("model", {}) or {})
+    preset_name = model_tree.pop("preset", ModelConfig.preset)
+    cfg = _build(TrainConfig, tree, "")
+    model = _build(ModelConfig, model_tree, "model.", get_preset(preset_name))
+    cfg = dataclasses.replace(cfg, model=model)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raises ConfigError for settings that cannot work together."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
+        if getattr(p, name) < 1:
+            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if m.num_attention_heads % p.tensor_parallel or m.num_query_groups % p.tensor_parallel:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} and model.num_query_groups="
+            f"{m.num_query_groups} must be divisible by parallel.tensor_parallel={p.tensor_parallel}"
+        )
+    if m.num_layers % p.pipeline_parallel:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by "
+            f"parallel.pipeline_parallel={p.pipeline_parallel}"
+        )
+    if m.num_experts % p.expert_parallel:
+        raise ConfigError(
+            f"model.num_experts={m.num_experts} is not divisible by "
+            f"parallel.expert_parallel={p.expert_parallel}"
+        )
+    if d.global_batch_size % d.micro_batch_size:
+        raise ConfigError(
+            f"data.global_batch_size={d.global_batch_size} is not divisible by "
+            f"data.micro_batch_size={d.micro_batch_size}"
+        )
+    if cfg.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
+    if d.source not in ("synthetic", "megatron", "zarr"):
+        raise ConfigError(f"data.source must be synthetic, megatron or zarr, got {d.source!r}")
+    if d.source != "synthetic" and not d.blend:
+        raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
+    if m.moe_token_dispatcher not in ("auto", "alltoall", "allgather"):
+        raise ConfigError(f"model.moe_token_dispatcher must be auto, alltoall or allgather")
+    if cfg.schedule.warmup_iters > cfg.schedule.train_iters:
+        raise ConfigError(
+            f"schedule.warmup_iters={cfg.schedule.warmup_iters} exceeds "
+            f"schedule.train_iters={cfg.schedule.train_iters}"
+        )

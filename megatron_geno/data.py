@@ -1,0 +1,172 @@
+"""Training data through megatron-core's GPTDataset: Megatron .bin/.idx prefixes and a synthetic genome."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+from megatron_geno.config import ConfigError, TrainConfig
+from megatron_geno.tokenizer import EOD
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_VERSION = 1
+
+
+def synthetic_genome(length: int, seed: int, num_contigs: int = 100) -> list[np.ndarray]:
+    """Returns deterministic synthetic contigs (token ids 5-8 = A C G T) with learnable structure.
+
+    An order-3 Markov chain with sparse transition probabilities, interleaved with copies of a few
+    repeat units (like tandem repeats and transposons), so a model can get well below ln(4) nats.
+    """
+    rng = np.random.default_rng(seed)
+    order = 3
+    transitions = rng.dirichlet(np.full(4, 0.15), size=4**order)
+    cumulative = np.cumsum(transitions, axis=1)
+    repeats = [rng.integers(0, 4, size=rng.integers(6, 300)) for _ in range(12)]
+    contigs = []
+    per_contig = max(length // num_contigs, order + 1)
+    for _ in range(num_contigs):
+        out = np.empty(per_contig, dtype=np.uint8)
+        uniforms = rng.random(per_contig)
+        state, i = 0, 0
+        while i < per_contig:
+            if rng.random() < 0.002:  # insert a repeat copy
+                unit = repeats[rng.integers(len(repeats))]
+                copies = np.tile(unit, rng.integers(1, 4))[: per_contig - i]
+                out[i : i + len(copies)] = copies
+                for base in copies[-order:]:
+                    state = (state * 4 + int(base)) % 4**order
+                i += len(copies)
+                continue
+            base = int(np.searchsorted(cumulative[state], uniforms[i] * cumulative[state, -1]))
+            base = min(base, 3)
+            out[i] = base
+            state = (state * 4 + base) % 4**order
+            i += 1
+        contigs.append(out + 5)  # A C G T are ids 5..8
+    return contigs
+
+
+def write_indexed_dataset(prefix: str | Path, documents: list[np.ndarray]) -> None:
+    """Writes documents (EOD appended) as a Megatron .bin/.idx pair with megatron-core's builder."""
+    prefix = str(prefix)
+    tmp = prefix + ".tmp"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=np.uint8)
+    for doc in documents:
+        builder.add_document(torch.from_numpy(np.append(doc, EOD).astype(np.uint8)), [len(doc) + 1])
+    builder.finalize(tmp + ".idx")
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+
+
+def synthetic_prefix(cfg: TrainConfig, cache_dir: Path) -> str:
+    """Returns the .bin/.idx prefix of the synthetic genome, writing it on rank 0 if missing."""
+    d = cfg.data
+    key = hashlib.sha256(
+        f"{SYNTHETIC_VERSION}:{d.synthetic_genome_length}:{d.synthetic_seed}".encode()
+    ).hexdigest()[:12]
+    prefix = cache_dir / f"synthetic_genome_{key}"
+    if torch.distributed.get_rank() == 0 and not Path(str(prefix) + ".idx").exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        write_indexed_dataset(prefix, synthetic_genome(d.synthetic_genome_length, d.synthetic_seed))
+    torch.distributed.barrier()
+    return str(prefix)
+
+
+def parse_blend(blend: list) -> tuple[list[str], Optional[list[float]]]:
+    """Returns (paths, weights) from ``[w1, p1, w2, p2]`` or ``[p1, p2]``."""
+    if all(isinstance(x, str) for x in blend):
+        return [str(x) for x in blend], None
+    if len(blend) % 2 or not all(isinstance(w, (int, float)) for w in blend[0::2]):
+        raise ConfigError(f"data.blend must be [prefix, ...] or [weight, prefix, ...]; got {blend}")
+    return [str(p) for p in blend[1::2]], [float(w) for w in blend[0::2]]
+
+
+def check_prefixes(paths: list[str], split: str) -> None:
+    """Raises ConfigError for a missing prefix, or one with too few documents for the split.
+
+    megatron-core splits by document and loops forever on a split that gets no document.
+    """
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in paths:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ConfigError(f"data.blend: {prefix}{ext} does not exist")
+        num_docs = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
+        for name, bounds in zip(("train", "valid", "test"), matrix):
+            if bounds is None or bounds[0] == bounds[1]:
+                continue
+            if int(round(bounds[1] * num_docs)) == int(round(bounds[0] * num_docs)):
+                raise ConfigError(
+                    f"{prefix}: {num_docs} documents leave the {name} part of data.split="
+                    f"{split!r} empty; give more documents or set data.split (e.g. '100,0,0')"
+                )
+
+
+def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
+    """Returns (train, valid, test) datasets sized for the whole run, built by megatron-core."""
+    d, s = cfg.data, cfg.schedule
+    cache_dir = Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache"
+    if d.source == "synthetic":
+        paths, weights = [synthetic_prefix(cfg, cache_dir)], None
+    elif d.source == "megatron":
+        paths, weights = parse_blend(d.blend)
+        check_prefixes(paths, d.split)
+    else:
+        from megatron_geno.zarr_dataset import build_zarr_datasets  # token store issue
+
+        return build_zarr_datasets(cfg, tokenizer, cache_dir)
+    config = GPTDatasetConfig(
+        random_seed=s.seed,
+        sequence_length=d.seq_length,
+        blend=(paths, weights),
+        split=d.split,
+        path_to_cache=str(cache_dir / "indices"),
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    eval_runs = s.train_iters // s.eval_interval + 1 if s.eval_interval else 0
+    sizes = [
+        s.train_iters * d.global_batch_size,
+        max(eval_runs * s.eval_iters * d.global_batch_size, 1),
+        d.global_batch_size,
+    ]
+    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+
+
+def microbatches(
+    dataset, consumed_samples: int, micro_batch_size: int, global_batch_size: int
+) -> Iterator[dict]:
+    """Yields this DP rank's micro-batches in global order, starting at consumed_samples.
+
+    Each global batch of samples [c, c + G) is cut into micro-batches of M consecutive samples
+    per DP rank per step, as Megatron's pretraining sampler does, so the samples of a global batch
+    do not depend on the data-parallel size.
+    """
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    sample = consumed_samples
+    while True:
+        for start in range(0, global_batch_size, micro_batch_size * dp_size):
+            first = sample + start + dp_rank * micro_batch_size
+            items = [dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)]
+            yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+        sample += global_batch_size

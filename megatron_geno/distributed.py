@@ -1,0 +1,76 @@
+"""Process groups and seeds: torch.distributed, then megatron-core's model-parallel groups."""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_geno import platform
+from megatron_geno.config import ConfigError, ParallelConfig
+
+
+def free_port() -> int:
+    """Returns a TCP port on localhost that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def initialize(parallel: ParallelConfig, seed: int) -> None:
+    """Initializes torch.distributed (torchrun's env, or a single local process) and mcore groups."""
+    platform.activate()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(
+            backend=platform.backend(), timeout=timedelta(minutes=10)
+        )
+    world = torch.distributed.get_world_size()
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel * parallel.context_parallel
+    if world % model_parallel:
+        raise ConfigError(
+            f"world size {world} is not divisible by TP x PP x CP = {parallel.tensor_parallel} x "
+            f"{parallel.pipeline_parallel} x {parallel.context_parallel} = {model_parallel}"
+        )
+    dp = world // model_parallel
+    expert_dp_world = parallel.tensor_parallel * dp * parallel.context_parallel
+    if expert_dp_world % (parallel.expert_parallel * parallel.expert_tensor_parallel):
+        raise ConfigError(
+            f"EP x expert-TP = {parallel.expert_parallel} x {parallel.expert_tensor_parallel} "
+            f"does not divide TP x CP x DP = {expert_dp_world}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+            context_parallel_size=parallel.context_parallel,
+            expert_model_parallel_size=parallel.expert_parallel,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+        )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds every process the same way (DP ranks must start from identical weights)."""
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tears down mcore groups and the default process group."""
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0

@@ -1,0 +1,192 @@
+"""Build the Genos MoE GPTModel on megatron-core: which spec, which parallel sizes, which precision."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_geno import platform
+from megatron_geno.attention import SDPAttention
+from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_geno.norm import RMSNorm
+from megatron_geno.presets import padded_vocab_size
+
+log = logging.getLogger(__name__)
+
+try:  # Transformer Engine: fused kernels, grouped GEMM, context parallelism (GPU only)
+    import transformer_engine  # noqa: F401
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    HAVE_TE = True
+except ImportError:
+    HAVE_TE = False
+
+
+def resolve_precision(precision: str) -> torch.dtype:
+    """Returns the training dtype: bf16 with CUDA, fp32 on CPU, unless set explicitly."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    """True when the TE spec is used: TE importable, CUDA present, not forced to sdpa."""
+    if model.attention_backend == "sdpa":
+        return False
+    if model.attention_backend == "te" and not HAVE_TE:
+        raise ConfigError("model.attention_backend=te but transformer_engine does not import")
+    return HAVE_TE and torch.cuda.is_available()
+
+
+def transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
+) -> TransformerConfig:
+    """Returns megatron-core's TransformerConfig for the Genos architecture."""
+    te = use_transformer_engine(model)
+    if parallel.context_parallel > 1 and not te:
+        raise ConfigError(
+            f"parallel.context_parallel={parallel.context_parallel} needs Transformer Engine "
+            "(install the [gpu] extra or use the NGC image), or set parallel.context_parallel=1"
+        )
+    dispatcher = model.moe_token_dispatcher
+    if dispatcher == "auto":
+        dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
+    if model.moe_grouped_gemm not in ("auto", "on", "off"):
+        raise ConfigError(f"model.moe_grouped_gemm must be auto, on or off, got {model.moe_grouped_gemm!r}")
+    grouped = model.moe_grouped_gemm == "on" or (model.moe_grouped_gemm == "auto" and te)
+    sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
+    if parallel.tensor_parallel > 1 and not sequence_parallel:
+        raise ConfigError("MoE with parallel.tensor_parallel > 1 requires parallel.sequence_parallel")
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim(),
+        ffn_hidden_size=model.moe_ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_z_loss_coeff=model.moe_z_loss_coeff,
+        moe_router_pre_softmax=model.moe_router_pre_softmax,
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type=dispatcher,
+        moe_grouped_gemm=grouped,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_dropout_fusion=te,
+        masked_softmax_fusion=te,
+        apply_rope_fusion=te,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = None):
+    """Returns the block spec for this pipeline stage: TE's fused spec, or local + SDPA + RMSNorm."""
+    if te:
+        layer = get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
+        )
+        return layer
+    layer = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization="RMSNorm")
+    sub = layer.submodules
+    attention = sub.self_attention
+    attention = dataclasses.replace(
+        attention,
+        submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention),
+    )
+    layer = dataclasses.replace(
+        layer,
+        submodules=dataclasses.replace(
+            sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention
+        ),
+    )
+    n = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm)
+
+
+def build_gpt_model(cfg: TrainConfig, vocab_size: int) -> GPTModel:
+    """Returns the GPTModel chunk of this pipeline stage (model parallel groups must exist)."""
+    platform.patch_missing_transformer_engine()
+    dtype = resolve_precision(cfg.precision)
+    config = transformer_config(cfg.model, cfg.parallel, dtype)
+    te = use_transformer_engine(cfg.model)
+    padded = padded_vocab_size(
+        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel
+    )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, te),
+        vocab_size=padded,
+        max_sequence_length=cfg.model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.rotary_base,
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def wrap_ddp(model: GPTModel, cfg: TrainConfig) -> DistributedDataParallel:
+    """Wraps a model chunk in megatron-core's DDP (contiguous fp32 grad buffers)."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and torch.cuda.is_available(),
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=None if torch.cuda.is_available() else 2**62,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """One line saying which spec, which parallel sizes and which precision are in use."""
+    te = use_transformer_engine(cfg.model)
+    p = cfg.parallel
+    return (
+        f"spec={'transformer-engine' if te else 'local+sdpa'} "
+        f"TP={p.tensor_parallel} PP={p.pipeline_parallel} CP={p.context_parallel} "
+        f"EP={p.expert_parallel} DP={parallel_state.get_data_parallel_world_size()} "
+        f"SP={p.tensor_parallel > 1 and p.sequence_parallel} "
+        f"dtype={resolve_precision(cfg.precision)}"
+    )

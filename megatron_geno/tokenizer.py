@@ -1,0 +1,173 @@
+"""The fixed single-nucleotide vocabulary, as a megatron-core tokenizer.
+
+Ids (version 1; never renumber, only append):
+
+====  ==========  ===========================================================
+id    token       meaning
+====  ==========  ===========================================================
+0     <pad>       padding (never in data)
+1     <eod>       end of document (appended to every contig / N-free piece)
+2     <bos>       beginning of sequence (not added by default)
+3     <mask>      mask token for downstream masked objectives
+4     <unk>       a character outside IUPAC (the pipeline rejects these)
+5-9   A C G T N   upper case nucleotides; IUPAC ambiguity codes map to N
+10-14 a c g t n   soft-masked (lower case) nucleotides, used only with
+                  ``soft_mask="keep"``; the default ``"upper"`` folds them
+15-127 <tag_0>..  reserved for species / task tags
+====  ==========  ===========================================================
+
+The vocabulary has exactly 128 entries, so the padded vocabulary is 128 x TP.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import numpy as np
+
+try:
+    from megatron.core.tokenizers import MegatronTokenizerBase
+except ImportError:  # the data pipeline can run without megatron-core
+    MegatronTokenizerBase = object  # type: ignore[assignment,misc]
+
+TOKENIZER_VERSION = 1
+SPECIAL_TOKENS = ["<pad>", "<eod>", "<bos>", "<mask>", "<unk>"]
+NUCLEOTIDES = ["A", "C", "G", "T", "N"]
+NUM_TAGS = 113
+VOCAB: list[str] = (
+    SPECIAL_TOKENS
+    + NUCLEOTIDES
+    + [n.lower() for n in NUCLEOTIDES]
+    + [f"<tag_{i}>" for i in range(NUM_TAGS)]
+)
+VOCAB_SIZE = len(VOCAB)
+PAD, EOD, BOS, MASK, UNK = range(5)
+# IUPAC ambiguity codes other than N; each becomes N (soft-masked ones become n with "keep").
+IUPAC_AMBIGUOUS = "RYSWKMBDHV"
+SOFT_MASK_POLICIES = ("upper", "keep")
+
+
+def encoding_table(soft_mask: str = "upper") -> np.ndarray:
+    """Returns a 256-entry uint8 table mapping ASCII bytes to token ids (UNK for non-IUPAC)."""
+    if soft_mask not in SOFT_MASK_POLICIES:
+        raise ValueError(f"soft_mask must be one of {SOFT_MASK_POLICIES}, got {soft_mask!r}")
+    table = np.full(256, UNK, dtype=np.uint8)
+    for upper in NUCLEOTIDES + list(IUPAC_AMBIGUOUS):
+        target = upper if upper in NUCLEOTIDES else "N"
+        table[ord(upper)] = VOCAB.index(target)
+        lower_target = target.lower() if soft_mask == "keep" else target
+        table[ord(upper.lower())] = VOCAB.index(lower_target)
+    return table
+
+
+_DECODE = np.array([t if len(t) == 1 else "?" for t in VOCAB])
+
+
+class GenoTokenizer(MegatronTokenizerBase):
+    """Single-nucleotide tokenizer implementing megatron-core's tokenizer interface."""
+
+    def __init__(self, soft_mask: str = "upper") -> None:
+        super().__init__("geno", {"library": "megatron_geno", "soft_mask": soft_mask})
+        self.soft_mask = soft_mask
+        self._table = encoding_table(soft_mask)
+        # GPTDataset's cache key reads this
+        self.unique_identifiers = {"class": "GenoTokenizer", "version": TOKENIZER_VERSION,
+                                   "soft_mask": soft_mask}
+
+    def tokenize(self, text: str | bytes) -> np.ndarray:
+        """Returns the uint8 ids of a nucleotide string (bytes are taken as ASCII)."""
+        raw = text.encode("ascii", "replace") if isinstance(text, str) else text
+        return self._table[np.frombuffer(raw, dtype=np.uint8)]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """Returns the nucleotide string of ids; special and tag tokens are skipped."""
+        arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        arr = arr[(arr >= 5) & (arr < 15)]
+        return "".join(_DECODE[arr].tolist())
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        return {token: i for i, token in enumerate(VOCAB)}
+
+    @property
+    def inv_vocab(self) -> dict[int, str]:
+        return dict(enumerate(VOCAB))
+
+    @property
+    def vocab_size(self) -> int:
+        return VOCAB_SIZE
+
+    @property
+    def pad(self) -> int:
+        return PAD
+
+    @property
+    def eod(self) -> int:
+        return EOD
+
+    @property
+    def bos(self) -> int:
+        return BOS
+
+    @property
+    def mask(self) -> int:
+        return MASK
+
+    @property
+    def unk(self) -> int:
+        return UNK
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("DNA tokenizers have no chat template")
+
+
+class HFTokenizerAdapter(MegatronTokenizerBase):
+    """A HuggingFace tokenizer directory seen through megatron-core's tokenizer interface."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        super().__init__(path, {"library": "huggingface"})
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self.unique_identifiers = {"class": "HFTokenizerAdapter", "path": str(path)}
+
+    def tokenize(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+    def detokenize(self, ids) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True).replace(" ", "")
+
+    @property
+    def vocab(self):
+        return self._tok.get_vocab()
+
+    @property
+    def inv_vocab(self):
+        return {i: t for t, i in self._tok.get_vocab().items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eod(self) -> int:
+        eos = self._tok.eos_token_id
+        if eos is None:
+            raise ValueError(f"HuggingFace tokenizer {self.path} has no eos token to use as <eod>")
+        return eos
+
+    @property
+    def pad(self) -> Optional[int]:
+        return self._tok.pad_token_id
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("DNA tokenizers have no chat template")
+
+
+def build_tokenizer(spec: str = "geno"):
+    """Returns the built-in tokenizer for ``"geno"``, else the HuggingFace tokenizer at that path."""
+    if spec in ("geno", "geno:upper"):
+        return GenoTokenizer("upper")
+    if spec == "geno:keep":
+        return GenoTokenizer("keep")
+    return HFTokenizerAdapter(spec)

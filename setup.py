@@ -1,0 +1,39 @@
+"""megatron-geno: pretraining genomic foundation models (Genos) on megatron-core."""
+
+from setuptools import find_packages, setup
+
+MEGATRON_CORE = "megatron-core==0.16.1"
+
+setup(
+    name="megatron-geno",
+    version="0.1.0",
+    description="Pretrain Genos-style genomic MoE foundation models on megatron-core",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_geno*", "data_pipeline*", "checkpoint_tools*", "launch*"]),
+    package_data={"launch": ["recipes/*.yaml", "*.sh", "slurm/*.sbatch"]},
+    install_requires=[
+        "torch>=2.4",
+        MEGATRON_CORE,
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "psutil",  # dist_checkpointing's writer needs it
+        "tensorboard",
+        "einops",
+        "zarr>=3.0,<4",
+        "numcodecs",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
+        "test": ["pytest"],
+        "finetune": ["deepspeed"],
+    },
+    entry_points={
+        "console_scripts": [
+            "geno-train=megatron_geno.cli:main",
+        ]
+    },
+)
