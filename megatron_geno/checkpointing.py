@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ARCHITECTURE_FIELDS = [
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
     "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
+    "padded_vocab_size",
 ]
 
 
@@ -95,9 +96,14 @@ def _restore_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _layout(cfg: TrainConfig) -> dict:
+def _num_optimizers(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _layout(cfg: TrainConfig, optimizer) -> dict:
     p = cfg.parallel
     return {
+        "optimizers": _num_optimizers(optimizer),  # experts get their own optimizer when EP > 1
         "tensor_parallel": p.tensor_parallel,
         "pipeline_parallel": p.pipeline_parallel,
         "expert_parallel": p.expert_parallel,
@@ -107,7 +113,10 @@ def _layout(cfg: TrainConfig) -> dict:
 
 
 # The optimizer state in canonical (per-parameter) form: loads at any TP/PP/EP/DP.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIMIZER_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "chained_optim_avoid_prefix": True,  # same tensor keys whether or not experts get their own optimizer
+}
 
 
 def _unwrap(model):
@@ -130,6 +139,7 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
+    _allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
     model_sd = _model_sharded_state_dict(model)
     sharded = {
         "model": model_sd,
@@ -138,7 +148,7 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         "scheduler": scheduler.state_dict(),
         "train_state": dataclasses.asdict(state),
         "model_config": dataclasses.asdict(cfg.model),
-        "layout": _layout(cfg),
+        "layout": _layout(cfg, optimizer),
     }
     dist_checkpointing.save(sharded, str(tmp))
     torch.distributed.barrier()
@@ -154,6 +164,18 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     return final
 
 
+def adopt_checkpoint_vocab(cfg: TrainConfig) -> None:
+    """Takes the padded vocabulary of the checkpoint to load, unless the config sets one."""
+    if not cfg.checkpoint.load or cfg.model.padded_vocab_size is not None:
+        return
+    ckpt = resolve_checkpoint_dir(cfg.checkpoint.load)
+    try:
+        saved = dist_checkpointing.load_common_state_dict(str(ckpt)).get("model_config", {})
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
+    cfg.model.padded_vocab_size = saved.get("padded_vocab_size")
+
+
 def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
     """Raises CheckpointError naming the first architecture field that differs."""
     current = dataclasses.asdict(model)
@@ -166,7 +188,7 @@ def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
 
 
 def _allocate_optimizer_state(optimizer) -> None:
-    """Gives every parameter an (empty) Adam state before a load.
+    """Gives every parameter an (empty) Adam state before a load, or a save before any step.
 
     With torch's Adam (no Transformer Engine or apex) the state, and its per-parameter 'step', is
     created lazily at the first step, and megatron-core's DistributedOptimizer.state_dict()
@@ -210,10 +232,18 @@ def load_checkpoint(
     if "model_config" in common:
         check_architecture(common["model_config"], cfg.model, ckpt)
     weights_only = cfg.checkpoint.weights_only
-    same_layout = common.get("layout") == _layout(cfg)
+    saved_layout = common.get("layout", {})
+    same_layout = saved_layout == _layout(cfg, optimizer)
+    # megatron-core 0.16.1 cannot map the optimizer's non-tensor state between one optimizer and
+    # a chain of two (dense + experts): across that change only Adam moments start fresh.
+    fresh_moments = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
     model_sd = _model_sharded_state_dict(model)
     sharded = {"model": model_sd}
-    if not weights_only:
+    if fresh_moments and not weights_only:
+        log.warning("%s was saved with %d optimizer(s), this layout has %d: loading weights, "
+                    "schedule and data position; Adam moments start fresh", ckpt,
+                    saved_layout.get("optimizers", 1), _num_optimizers(optimizer))
+    if not weights_only and not fresh_moments:
         _allocate_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
@@ -228,8 +258,9 @@ def load_checkpoint(
     if weights_only:
         log.info("loaded weights from %s (fresh optimizer, schedule and data position)", ckpt)
         return TrainState()
-    optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(optimizer)
+    if not fresh_moments:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])

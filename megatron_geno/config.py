@@ -31,6 +31,9 @@ class ModelConfig:
     rotary_base: int = 50_000_000
     max_position_embeddings: int = 1_048_576
     make_vocab_size_divisible_by: int = 128  # the padded vocabulary is a multiple of this x TP
+    # None: the tokenizer's vocabulary rounded up to make_vocab_size_divisible_by x TP. A loaded
+    # checkpoint's value wins, so a checkpoint keeps its vocabulary at any TP.
+    padded_vocab_size: Optional[int] = None
     moe_aux_loss_coeff: float = 1e-3
     moe_z_loss_coeff: float = 1e-3
     moe_router_pre_softmax: bool = False  # Genos: softmax over all experts, then top-k
@@ -49,7 +52,7 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     context_parallel: int = 1
     expert_parallel: int = 1
-    expert_tensor_parallel: int = 1
+    expert_tensor_parallel: Optional[int] = None  # None: same as tensor_parallel (mcore default)
     sequence_parallel: bool = True  # used whenever tensor_parallel > 1 (MoE requires it)
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
@@ -84,6 +87,7 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     train_iters: int = 100
+    stop_after: Optional[int] = None  # save and stop at this iteration; the schedule still spans train_iters
     warmup_iters: int = 10
     decay_style: str = "cosine"
     eval_interval: int = 50
@@ -154,6 +158,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():

@@ -41,10 +41,11 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
             f"{parallel.pipeline_parallel} x {parallel.context_parallel} = {model_parallel}"
         )
     dp = world // model_parallel
+    etp = parallel.expert_tensor_parallel or parallel.tensor_parallel
     expert_dp_world = parallel.tensor_parallel * dp * parallel.context_parallel
-    if expert_dp_world % (parallel.expert_parallel * parallel.expert_tensor_parallel):
+    if expert_dp_world % (parallel.expert_parallel * etp):
         raise ConfigError(
-            f"EP x expert-TP = {parallel.expert_parallel} x {parallel.expert_tensor_parallel} "
+            f"EP x expert-TP = {parallel.expert_parallel} x {etp} "
             f"does not divide TP x CP x DP = {expert_dp_world}"
         )
     if not parallel_state.model_parallel_is_initialized():
@@ -53,7 +54,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
             pipeline_model_parallel_size=parallel.pipeline_parallel,
             context_parallel_size=parallel.context_parallel,
             expert_model_parallel_size=parallel.expert_parallel,
-            expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+            expert_tensor_parallel_size=etp,
         )
     seed_everything(seed)
 

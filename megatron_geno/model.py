@@ -22,7 +22,7 @@ from megatron_geno import platform
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_geno.norm import RMSNorm
-from megatron_geno.presets import padded_vocab_size
+from megatron_geno.presets import resolve_padded_vocab
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel or parallel.tensor_parallel,
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -147,9 +147,8 @@ def build_gpt_model(cfg: TrainConfig, vocab_size: int) -> GPTModel:
     dtype = resolve_precision(cfg.precision)
     config = transformer_config(cfg.model, cfg.parallel, dtype)
     te = use_transformer_engine(cfg.model)
-    padded = padded_vocab_size(
-        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel
-    )
+    padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
+    cfg.model.padded_vocab_size = padded  # recorded in every checkpoint
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, te),

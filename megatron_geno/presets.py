@@ -56,6 +56,18 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) 
     return -(-vocab_size // multiple) * multiple
 
 
+def resolve_padded_vocab(model: ModelConfig, vocab_size: int, tensor_parallel: int) -> int:
+    """Returns the model's padded vocabulary: the configured one (checked), or the derived one."""
+    if model.padded_vocab_size is None:
+        return padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, tensor_parallel)
+    if model.padded_vocab_size < vocab_size or model.padded_vocab_size % tensor_parallel:
+        raise ConfigError(
+            f"model.padded_vocab_size={model.padded_vocab_size} must be >= the tokenizer's "
+            f"{vocab_size} entries and divisible by parallel.tensor_parallel={tensor_parallel}"
+        )
+    return model.padded_vocab_size
+
+
 def count_parameters(model: ModelConfig, vocab_size: int) -> dict[str, int]:
     """Returns total and active (per token) parameter counts, computed without building the model.
 

@@ -17,12 +17,17 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_geno import distributed
-from megatron_geno.checkpointing import TrainState, load_checkpoint, save_checkpoint
+from megatron_geno.checkpointing import (
+    TrainState,
+    adopt_checkpoint_vocab,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_geno.config import TrainConfig
 from megatron_geno.data import build_datasets, microbatches
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import build_gpt_model, describe, resolve_precision, wrap_ddp
-from megatron_geno.presets import flops_per_token, padded_vocab_size
+from megatron_geno.presets import flops_per_token
 from megatron_geno.tokenizer import build_tokenizer
 
 log = logging.getLogger("megatron_geno")
@@ -44,9 +49,9 @@ def build_optimizer(cfg: TrainConfig, model):
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=s.warmup_iters * d.global_batch_size,
-        lr_decay_steps=s.train_iters * d.global_batch_size, lr_decay_style=s.decay_style,
+        lr_decay_steps=max(s.train_iters, 1) * d.global_batch_size, lr_decay_style=s.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=s.train_iters * d.global_batch_size, wd_incr_style="constant",
+        wd_incr_steps=max(s.train_iters, 1) * d.global_batch_size, wd_incr_style="constant",
     )
     return optimizer, scheduler
 
@@ -106,13 +111,14 @@ def train(cfg: TrainConfig) -> list[dict]:
     distributed.initialize(cfg.parallel, cfg.schedule.seed)
     rank0 = distributed.rank() == 0
     run_dir = Path(cfg.logging.run_dir)
-    if rank0:
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    adopt_checkpoint_vocab(cfg)
+    model = [wrap_ddp(build_gpt_model(cfg, tokenizer.vocab_size), cfg)]
+    if rank0:  # fully resolved now (padded vocabulary included)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         if not cfg.logging.quiet:
             print(f"# resolved config\n{cfg.to_yaml()}", flush=True)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    model = [wrap_ddp(build_gpt_model(cfg, tokenizer.vocab_size), cfg)]
     optimizer, scheduler = build_optimizer(cfg, model)
     config = model[0].config
     config.grad_scale_func = optimizer.scale_loss
@@ -137,9 +143,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         )
     train_iter = microbatches(train_ds, state.consumed_samples, d.micro_batch_size, d.global_batch_size)
     forward_backward = get_forward_backward_func()
-    padded = padded_vocab_size(tokenizer.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                               cfg.parallel.tensor_parallel)
-    flops_token = flops_per_token(cfg.model, padded, d.seq_length)
+    flops_token = flops_per_token(cfg.model, cfg.model.padded_vocab_size, d.seq_length)
     peak = peak_flops()
     expert_load = ExpertLoad(model)
     writer = MetricsWriter(run_dir, cfg.logging.tensorboard) if rank0 else None
@@ -201,7 +205,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 if not cfg.logging.quiet:
                     print(format_record(record), flush=True)
         interval = cfg.checkpoint.save_interval
-        if stop.any_rank():
+        if stop.any_rank() or (s.stop_after and state.iteration >= s.stop_after):
             save()
             break
         if interval and state.iteration % interval == 0 and state.iteration < s.train_iters:

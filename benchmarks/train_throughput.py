@@ -1,0 +1,60 @@
+"""Training throughput per preset: tokens/s, TFLOP/s per device and MFU, as a table.
+
+    python benchmarks/train_throughput.py                      # CPU: tiny (and a 1-layer 1.2b)
+    python benchmarks/train_throughput.py --preset genos-1.2b --seq 8192 --layers 12   # one GPU
+
+Each row runs geno-train for --steps steps in a fresh process and averages the steps after the
+first two (warm-up). The baseline row is the tiny preset measured in the same run, so ratios
+compare like with like on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.functional.launcher import geno_train  # noqa: E402
+
+
+def measure(preset: str, seq: int, layers: int | None, mbs: int, gbs: int, steps: int) -> dict:
+    overrides = ["--preset", preset, f"data.seq_length={seq}", f"data.micro_batch_size={mbs}",
+                 f"data.global_batch_size={gbs}", f"schedule.train_iters={steps}",
+                 "data.synthetic_genome_length=2000000"]
+    if layers:
+        overrides.append(f"model.num_layers={layers}")
+    with tempfile.TemporaryDirectory() as tmp:
+        records = geno_train(Path(tmp) / "run", *overrides)
+    timed = records[2:] or records
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+    mfu = [r["mfu"] for r in timed if r.get("mfu") is not None]
+    return {"tokens_per_s": mean("tokens_per_s"), "tflops": mean("tflops_per_gpu"),
+            "mfu": sum(mfu) / len(mfu) if mfu else None, "loss": timed[-1]["loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="genos-1.2b")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--mbs", type=int, default=1)
+    parser.add_argument("--gbs", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    rows = [("tiny (baseline)", measure("tiny", 256, None, 2, 8, args.steps))]
+    label = f"{args.preset} L={args.layers} seq={args.seq}"
+    rows.append((label, measure(args.preset, args.seq, args.layers, args.mbs, args.gbs, args.steps)))
+    base = rows[0][1]["tflops"]
+    print(f"\n| run | tokens/s | TFLOP/s per device | MFU | x baseline TFLOP/s |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (CPU)"
+        print(f"| {name} | {r['tokens_per_s']:,.0f} | {r['tflops']:.4f} | {mfu} | "
+              f"{r['tflops'] / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

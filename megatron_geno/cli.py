@@ -1,0 +1,95 @@
+"""geno-train: train a Genos model (single process, or one process per GPU under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+EPILOG = """\
+examples:
+  geno-train --preset tiny schedule.train_iters=100              # CPU, one process
+  torchrun --nproc-per-node 2 -m megatron_geno.cli --preset tiny parallel.tensor_parallel=2
+  geno-train --config launch/recipes/genos-1.2b-8k.yaml checkpoint.load=ckpt/
+  geno-train --preset genos-10b --print-params
+
+Overrides are key.sub=value (value read as YAML); unknown keys are an error.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="geno-train",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML config file (sections: model, parallel, data, "
+                        "optimizer, schedule, checkpoint, logging)")
+    parser.add_argument("--preset", help="model preset: tiny, genos-1.2b, genos-10b "
+                        "(same as model.preset=NAME)")
+    parser.add_argument("--print-params", action="store_true",
+                        help="print total and active parameter counts without building the model")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    return parser.parse_args(argv)
+
+
+def print_params(cfg) -> None:
+    from megatron_geno.presets import PUBLISHED_PARAMS, count_parameters, padded_vocab_size
+    from megatron_geno.tokenizer import VOCAB_SIZE
+
+    vocab = padded_vocab_size(VOCAB_SIZE, cfg.model.make_vocab_size_divisible_by, 1)
+    counts = count_parameters(cfg.model, vocab)
+    print(f"preset {cfg.model.preset}: padded vocab {vocab}")
+    print(f"  total parameters : {counts['total']:>15,d}  ({counts['total'] / 1e9:.3f} B)")
+    print(f"  active per token : {counts['active']:>15,d}  ({counts['active'] / 1e9:.3f} B)")
+    if cfg.model.preset in PUBLISHED_PARAMS:
+        total, active = PUBLISHED_PARAMS[cfg.model.preset]
+        print(f"  published        : {total / 1e9:.2f} B total, {active / 1e9:.2f} B active "
+              f"(ours {counts['total'] / total - 1:+.1%}, {counts['active'] / active - 1:+.1%})")
+
+
+def quiet_megatron_import_warnings() -> None:
+    """megatron-core warns at import that TE/apex are absent; the CPU path expects that."""
+    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        warnings.filterwarnings("ignore", message=text)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    quiet_megatron_import_warnings()
+    from megatron_geno.checkpointing import CheckpointError
+    from megatron_geno.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.preset:
+        overrides.insert(0, f"model.preset={args.preset}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"geno-train: error: {err}", file=sys.stderr)
+        return 2
+    if args.print_params:
+        print_params(cfg)
+        return 0
+    if args.print_config:
+        print(cfg.to_yaml())
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("megatron", "megatron.core"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from megatron_geno.train import train
+
+    try:
+        train(cfg)
+    except (ConfigError, CheckpointError) as err:
+        print(f"geno-train: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

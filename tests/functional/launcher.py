@@ -1,0 +1,52 @@
+"""Runs geno-train on N local processes (torchrun, gloo on CPU) and reads back its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_geno.distributed import free_port
+
+# Small, fast settings shared by the functional tests (tiny preset, 5 steps, fp32 on CPU).
+BASE = [
+    "--preset", "tiny",
+    "schedule.warmup_iters=1",
+    "schedule.eval_interval=0",
+    "logging.quiet=true",
+    "logging.tensorboard=false",
+    "data.seq_length=128",
+    "data.micro_batch_size=2",
+    "data.global_batch_size=8",
+]
+
+
+def geno_train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
+    """Runs geno-train under torchrun with nproc processes; returns metrics.jsonl records."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), "-m", "megatron_geno.cli", *BASE,
+        f"logging.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}",
+        *overrides,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"geno-train failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}"
+            f"\n{proc.stderr[-6000:]}"
+        )
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records]
+
+
+def assert_close(actual: list[float], expected: list[float], rtol: float) -> None:
+    assert len(actual) == len(expected), (actual, expected)
+    for step, (a, e) in enumerate(zip(actual, expected), start=1):
+        assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"

@@ -1,0 +1,37 @@
+"""Resume and reshard through torch_dist checkpoints written by geno-train."""
+
+from tests.functional.launcher import assert_close, geno_train, losses
+
+
+def test_resume_matches_uninterrupted(tmp_path):
+    straight = losses(geno_train(tmp_path / "straight", "schedule.train_iters=10"))
+    ckpt = f"checkpoint.save={tmp_path / 'ck'}"
+    first = losses(geno_train(tmp_path / "first", "schedule.train_iters=10",
+                              "schedule.stop_after=5", ckpt))
+    second = losses(geno_train(tmp_path / "second", "schedule.train_iters=10", ckpt,
+                               f"checkpoint.load={tmp_path / 'ck'}"))
+    assert len(first) == 5 and len(second) == 5
+    assert_close(first + second, straight, rtol=1e-6)
+
+
+def test_reshard_tp2_to_pp2_and_ep2_to_ep1(tmp_path):
+    base = ["schedule.train_iters=4"]
+    saved_tp2 = losses(geno_train(tmp_path / "tp2", *base, "parallel.tensor_parallel=2",
+                                  f"checkpoint.save={tmp_path / 'ck_tp2'}", nproc=2))
+    reference = losses(geno_train(tmp_path / "tp2_more", "schedule.train_iters=5",
+                                  "parallel.tensor_parallel=2",
+                                  f"checkpoint.load={tmp_path / 'ck_tp2'}", nproc=2))
+    as_pp2 = losses(geno_train(tmp_path / "pp2", "schedule.train_iters=5",
+                               "parallel.pipeline_parallel=2",
+                               f"checkpoint.load={tmp_path / 'ck_tp2'}", nproc=2))
+    assert len(saved_tp2) == 4 and len(as_pp2) == 1
+    assert_close(as_pp2, reference, rtol=1e-5)
+
+    geno_train(tmp_path / "ep2", *base, "parallel.expert_parallel=2",
+               f"checkpoint.save={tmp_path / 'ck_ep2'}", nproc=2)
+    ep2_next = losses(geno_train(tmp_path / "ep2_more", "schedule.train_iters=5",
+                                 "parallel.expert_parallel=2",
+                                 f"checkpoint.load={tmp_path / 'ck_ep2'}", nproc=2))
+    ep1_next = losses(geno_train(tmp_path / "ep1", "schedule.train_iters=5",
+                                 f"checkpoint.load={tmp_path / 'ck_ep2'}"))
+    assert_close(ep1_next, ep2_next, rtol=1e-5)

@@ -1,0 +1,50 @@
+"""Parallel layouts on 2 CPU processes (gloo) against the TP=1/PP=1/EP=1/DP=1 run.
+
+Every run starts from one shared initial checkpoint (weights only), so all layouts begin from
+identical weights, and uses the same global batch.
+"""
+
+import math
+
+import pytest
+
+from tests.functional.launcher import assert_close, geno_train, losses
+
+STEPS = "schedule.train_iters=5"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    geno_train(root / "init", "schedule.train_iters=0", "schedule.warmup_iters=0",
+               f"checkpoint.save={root / 'init_ckpt'}")
+    load = [f"checkpoint.load={root / 'init_ckpt'}", "checkpoint.weights_only=true"]
+    baseline = losses(geno_train(root / "baseline", STEPS, *load))
+    assert len(baseline) == 5
+    return root, load, baseline
+
+
+@pytest.mark.parametrize(
+    "name,layout",
+    [
+        ("tp2_sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
+        ("pp2", ["parallel.pipeline_parallel=2"]),
+        ("ep2", ["parallel.expert_parallel=2"]),
+        ("dp2", []),
+    ],
+)
+def test_layout_matches_single_process(shared, name, layout):
+    root, load, baseline = shared
+    result = losses(geno_train(root / name, STEPS, *load, *layout, nproc=2))
+    assert_close(result, baseline, rtol=1e-4)
+
+
+def test_tiny_loss_falls_below_ln4_in_100_steps(tmp_path):
+    records = geno_train(tmp_path / "run", "schedule.train_iters=100", "schedule.warmup_iters=5",
+                         "optimizer.lr=3e-3", "optimizer.min_lr=3e-4")
+    final = sum(r["loss"] for r in records[-5:]) / 5
+    assert final < 0.85 * math.log(4), [round(r["loss"], 3) for r in records[::10]]
+    first = records[-1]
+    assert first["tokens_per_s"] > 0 and first["flops_per_token"] > 0
+    assert len(first["expert_load"]) == 2  # two MoE layers, fractions per expert
+    assert all(abs(sum(f) - 1) < 1e-3 for f in first["expert_load"].values())

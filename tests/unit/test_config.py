@@ -1,0 +1,46 @@
+import pytest
+
+from megatron_geno.config import ConfigError, load_config
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: genos-1.2b\noptimizer:\n  lr: 2.0e-4\nschedule:\n  train_iters: 50\n")
+    cfg = load_config(path, ["optimizer.lr=1e-4", "parallel.tensor_parallel=2"])
+    assert cfg.model.hidden_size == 1024 and cfg.model.num_layers == 12
+    assert cfg.optimizer.lr == pytest.approx(1e-4)
+    assert cfg.schedule.train_iters == 50
+    assert cfg.parallel.tensor_parallel == 2
+
+
+def test_override_of_a_preset_field():
+    cfg = load_config(None, ["model.preset=genos-10b", "model.num_layers=2"])
+    assert cfg.model.num_layers == 2 and cfg.model.hidden_size == 4096
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.hiden_size=3", "unknown config key model.hiden_size"),
+        ("nosuch.key=1", "unknown config key nosuch"),
+        ("optimizer.lr=abc", "optimizer.lr must be a number"),
+        ("schedule.train_iters=1.5", "must be an integer"),
+        ("model.preset=genos-3b", "unknown model preset 'genos-3b'"),
+        ("parallel.tensor_parallel=3", "divisible by parallel.tensor_parallel=3"),
+        ("parallel.pipeline_parallel=3", "num_layers=2 is not divisible"),
+        ("parallel.expert_parallel=3", "num_experts=8 is not divisible"),
+        ("data.global_batch_size=7", "not divisible by data.micro_batch_size"),
+        ("precision=fp16", "precision must be"),
+        ("noequals", "key.sub=value"),
+    ],
+)
+def test_bad_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_config_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["model.preset=genos-1.2b", "data.seq_length=8192"])
+    path = tmp_path / "saved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg

@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+
+from megatron_geno.tokenizer import (
+    BOS, EOD, MASK, PAD, UNK, VOCAB, VOCAB_SIZE, GenoTokenizer, encoding_table,
+)
+
+
+def test_vocabulary_is_fixed():
+    assert VOCAB_SIZE == 128
+    assert VOCAB[:15] == ["<pad>", "<eod>", "<bos>", "<mask>", "<unk>", "A", "C", "G", "T", "N",
+                          "a", "c", "g", "t", "n"]
+    assert (PAD, EOD, BOS, MASK, UNK) == (0, 1, 2, 3, 4)
+    assert VOCAB[15] == "<tag_0>" and VOCAB[-1] == "<tag_112>"
+
+
+def test_uppercase_policy_folds_soft_masking_and_iupac():
+    tok = GenoTokenizer("upper")
+    assert tok.tokenize("ACGTN").tolist() == [5, 6, 7, 8, 9]
+    assert tok.tokenize("acgtn").tolist() == [5, 6, 7, 8, 9]
+    assert tok.tokenize("RYKMSWBDHVryk").tolist() == [9] * 13
+    assert tok.tokenize("AX-").tolist() == [5, UNK, UNK]
+
+
+def test_keep_policy_keeps_soft_masking():
+    tok = GenoTokenizer("keep")
+    assert tok.tokenize("AcgTn").tolist() == [5, 11, 12, 8, 14]
+    assert tok.tokenize("r").tolist() == [14]
+    assert tok.detokenize(tok.tokenize("ACgtN")) == "ACgtN"
+
+
+def test_detokenize_skips_special_tokens():
+    tok = GenoTokenizer()
+    assert tok.detokenize(np.array([BOS, 5, 6, EOD, 7, 20])) == "ACG"
+
+
+def test_megatron_interface():
+    from megatron.core.tokenizers import MegatronTokenizerBase
+
+    tok = GenoTokenizer()
+    assert isinstance(tok, MegatronTokenizerBase)
+    assert tok.vocab_size == 128 and tok.eod == EOD and tok.pad == PAD
+    assert tok.vocab["G"] == 7 and tok.inv_vocab[8] == "T"
+
+
+def test_bad_policy():
+    with pytest.raises(ValueError, match="soft_mask"):
+        encoding_table("lower")
