@@ -24,18 +24,18 @@ from megatron_geno.tokenizer import EOD
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
 
 
 def synthetic_genome(length: int, seed: int, num_contigs: int = 100) -> list[np.ndarray]:
     """Returns deterministic synthetic contigs (token ids 5-8 = A C G T) with learnable structure.
 
-    An order-3 Markov chain with sparse transition probabilities, interleaved with copies of a few
+    An order-2 Markov chain with sparse transition probabilities, interleaved with copies of a few
     repeat units (like tandem repeats and transposons), so a model can get well below ln(4) nats.
     """
     rng = np.random.default_rng(seed)
-    order = 3
-    transitions = rng.dirichlet(np.full(4, 0.15), size=4**order)
+    order = 2
+    transitions = rng.dirichlet(np.full(4, 0.1), size=4**order)
     cumulative = np.cumsum(transitions, axis=1)
     repeats = [rng.integers(0, 4, size=rng.integers(6, 300)) for _ in range(12)]
     contigs = []

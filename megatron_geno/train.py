@@ -23,7 +23,7 @@ from megatron_geno.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_geno.config import TrainConfig
+from megatron_geno.config import ConfigError, TrainConfig
 from megatron_geno.data import build_datasets, microbatches
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import build_gpt_model, describe, resolve_precision, wrap_ddp
@@ -135,8 +135,6 @@ def train(cfg: TrainConfig) -> list[dict]:
     dp = parallel_state.get_data_parallel_world_size()
     num_micro = d.global_batch_size // (d.micro_batch_size * dp)
     if num_micro * d.micro_batch_size * dp != d.global_batch_size:
-        from megatron_geno.config import ConfigError
-
         raise ConfigError(
             f"data.global_batch_size={d.global_batch_size} is not divisible by micro batch x DP = "
             f"{d.micro_batch_size} x {dp}"

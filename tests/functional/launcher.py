@@ -50,3 +50,12 @@ def assert_close(actual: list[float], expected: list[float], rtol: float) -> Non
     assert len(actual) == len(expected), (actual, expected)
     for step, (a, e) in enumerate(zip(actual, expected), start=1):
         assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
+
+
+def geno_train_error(run_dir: Path, *overrides: str, timeout: int = 300) -> tuple[int, str]:
+    """Runs single-process geno-train expecting failure; returns (exit code, stderr)."""
+    cmd = [sys.executable, "-m", "megatron_geno.cli", *BASE, f"logging.run_dir={run_dir}",
+           f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return proc.returncode, proc.stderr

@@ -1,6 +1,6 @@
 """Resume and reshard through torch_dist checkpoints written by geno-train."""
 
-from tests.functional.launcher import assert_close, geno_train, losses
+from tests.functional.launcher import assert_close, geno_train, geno_train_error, losses
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -35,3 +35,24 @@ def test_reshard_tp2_to_pp2_and_ep2_to_ep1(tmp_path):
     ep1_next = losses(geno_train(tmp_path / "ep1", "schedule.train_iters=5",
                                  f"checkpoint.load={tmp_path / 'ck_ep2'}"))
     assert_close(ep1_next, ep2_next, rtol=1e-5)
+
+
+def test_bad_checkpoints_are_one_clear_error(tmp_path):
+    ck = tmp_path / "ck"
+    geno_train(tmp_path / "save", "schedule.train_iters=2", f"checkpoint.save={ck}")
+    load = f"checkpoint.load={ck}"
+
+    code, err = geno_train_error(tmp_path / "mismatch", "schedule.train_iters=3", load,
+                                 "model.hidden_size=32")
+    assert code == 2 and "model.hidden_size=64 but the config says model.hidden_size=32" in err
+
+    code, err = geno_train_error(tmp_path / "missing", f"checkpoint.load={tmp_path / 'nope'}")
+    assert code == 2 and "does not exist" in err
+
+    (ck / "iter_0000002" / "metadata.json").unlink()  # a half-written checkpoint
+    code, err = geno_train_error(tmp_path / "incomplete", "schedule.train_iters=3", load)
+    assert code == 2 and "missing or incomplete" in err
+
+    (ck / "latest").write_text("garbage")
+    code, err = geno_train_error(tmp_path / "corrupt", "schedule.train_iters=3", load)
+    assert code == 2 and "is corrupt" in err
