@@ -1,0 +1,89 @@
+"""Read a geno-train torch_dist checkpoint a slice at a time, without building the model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_geno.checkpointing import CheckpointError, resolve_checkpoint_dir
+from megatron_geno.config import ModelConfig
+
+
+class ConversionError(RuntimeError):
+    """Input a converter refuses: the message names the file, tensor or setting at fault."""
+
+
+def init_single_process() -> None:
+    """A one-process gloo group: megatron-core's checkpoint I/O needs torch.distributed."""
+    if torch.distributed.is_initialized():
+        return
+    from megatron_geno.distributed import free_port
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+
+
+@dataclass
+class McoreCheckpoint:
+    path: Path
+    common: dict
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+
+    @property
+    def model(self) -> ModelConfig:
+        saved = self.common.get("model_config")
+        if saved is None:
+            raise ConversionError(f"{self.path}: no model_config in common.pt; not a geno-train checkpoint")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+    @property
+    def iteration(self) -> Optional[int]:
+        return self.common.get("train_state", {}).get("iteration")
+
+    def read(self, key: str) -> torch.Tensor:
+        """Loads one tensor in its global (unsharded) form, e.g. all layers of a stacked key.
+
+        megatron-core 0.16.1 cannot load part of a stored key from one process (it checks that
+        the request covers every stored fragment), so the unit of reading is one key.
+        """
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        if key not in self.shapes:
+            raise ConversionError(f"{self.path}: tensor {key} is missing from the checkpoint")
+        data = torch.empty(self.shapes[key], dtype=self.dtypes[key])
+        request = {key: ShardedTensor.from_rank_offsets(key, data, replica_id=0)}
+        try:
+            loaded = dist_checkpointing.load(request, str(self.path), validate_access_integrity=False)
+        except Exception as err:
+            raise ConversionError(
+                f"cannot read tensor {key} from {self.path}: {str(err).splitlines()[0][:300]}"
+            ) from err
+        return loaded[key]
+
+
+def open_checkpoint(path: str | Path, iteration: Optional[int] = None) -> McoreCheckpoint:
+    """Returns the checkpoint's common state and tensor shapes (reads no tensor data)."""
+    from megatron.core import dist_checkpointing
+
+    init_single_process()
+    try:
+        ckpt = resolve_checkpoint_dir(path, iteration)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from err
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(ckpt))
+        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
+    except Exception as err:
+        raise ConversionError(f"checkpoint {ckpt} is corrupt: {str(err).splitlines()[0][:300]}") from err
+    shapes = {k: tuple(v.global_shape) for k, v in metadata.items() if hasattr(v, "global_shape")}
+    dtypes = {k: v.dtype for k, v in metadata.items() if hasattr(v, "global_shape")}
+    return McoreCheckpoint(ckpt, common, shapes, dtypes)
