@@ -34,6 +34,7 @@ setup(
     entry_points={
         "console_scripts": [
             "geno-train=megatron_geno.cli:main",
+            "geno-convert=checkpoint_tools.cli:main",
         ]
     },
 )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,14 +18,18 @@ class ConversionError(RuntimeError):
 
 
 def init_single_process() -> None:
-    """A one-process gloo group: megatron-core's checkpoint I/O needs torch.distributed."""
-    if torch.distributed.is_initialized():
-        return
+    """A one-process gloo group (megatron-core's checkpoint I/O needs torch.distributed), with the
+    CPU layer active when CUDA is absent (its writer synchronizes CUDA)."""
+    from megatron_geno import platform
     from megatron_geno.distributed import free_port
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    platform.activate()
+    if torch.distributed.is_initialized():
+        return
+
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
 
 
 @dataclass

@@ -231,13 +231,17 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
     if "model_config" in common:
         check_architecture(common["model_config"], cfg.model, ckpt)
-    weights_only = cfg.checkpoint.weights_only
+    # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
+    weights_only = cfg.checkpoint.weights_only or common.get("weights_only", False)
     saved_layout = common.get("layout", {})
     same_layout = saved_layout == _layout(cfg, optimizer)
     # megatron-core 0.16.1 cannot map the optimizer's non-tensor state between one optimizer and
     # a chain of two (dense + experts): across that change only Adam moments start fresh.
     fresh_moments = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
     model_sd = _model_sharded_state_dict(model)
+    imported = common.get("imported_from") is not None
+    if imported:  # an HF import carries parameters only, no (empty) per-module _extra_state
+        model_sd = {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")}
     sharded = {"model": model_sd}
     if fresh_moments and not weights_only:
         log.warning("%s was saved with %d optimizer(s), this layout has %d: loading weights, "
@@ -254,7 +258,10 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(sharded, str(ckpt))
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
-    _unwrap(model).load_state_dict(loaded["model"])
+    result = _unwrap(model).load_state_dict(loaded["model"], strict=not imported)
+    missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} lacks parameter {missing[0]}")
     if weights_only:
         log.info("loaded weights from %s (fresh optimizer, schedule and data position)", ckpt)
         return TrainState()

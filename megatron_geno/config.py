@@ -252,8 +252,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
     if m.moe_token_dispatcher not in ("auto", "alltoall", "allgather"):
         raise ConfigError(f"model.moe_token_dispatcher must be auto, alltoall or allgather")
-    if cfg.schedule.warmup_iters > cfg.schedule.train_iters:
+    if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= cfg.schedule.train_iters:
         raise ConfigError(
-            f"schedule.warmup_iters={cfg.schedule.warmup_iters} exceeds "
+            f"schedule.warmup_iters={cfg.schedule.warmup_iters} must be smaller than "
             f"schedule.train_iters={cfg.schedule.train_iters}"
         )

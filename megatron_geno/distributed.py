@@ -24,14 +24,15 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
     """Initializes torch.distributed (torchrun's env, or a single local process) and mcore groups."""
     platform.activate()
     if not torch.distributed.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # torchrun / srun set the rendezvous in the environment; alone, we are one local process
+        launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
         torch.distributed.init_process_group(
-            backend=platform.backend(), timeout=timedelta(minutes=10)
+            backend=platform.backend(),
+            timeout=timedelta(minutes=10),
+            **({} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}",
+                                    "rank": 0, "world_size": 1}),
         )
     world = torch.distributed.get_world_size()
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel * parallel.context_parallel

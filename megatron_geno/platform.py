@@ -137,7 +137,7 @@ def activate() -> bool:
     patch_missing_transformer_engine()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
-    log.warning("megatron_geno.platform: CUDA is absent, CPU layer active (gloo, fp32)")
+    log.warning("CUDA is absent: megatron-core runs on CPU through megatron_geno.platform (gloo)")
     return True
 
 

@@ -59,3 +59,10 @@ def geno_train_error(run_dir: Path, *overrides: str, timeout: int = 300) -> tupl
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     return proc.returncode, proc.stderr
+
+
+def geno_convert(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs geno-convert; returns the completed process (the caller checks the exit code)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "checkpoint_tools.cli", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)

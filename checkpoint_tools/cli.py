@@ -1,0 +1,109 @@
+"""geno-convert: Megatron torch_dist checkpoints <-> HuggingFace Mixtral directories, verified."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+EPILOG = """\
+examples:
+  geno-convert to-hf --checkpoint runs/ckpt --out hf/genos-tiny           # latest iteration
+  geno-convert to-hf --checkpoint runs/ckpt --iteration 500 --out hf/x --dtype bf16 --shard-size 2GB
+  geno-convert verify --checkpoint runs/ckpt --hf hf/genos-tiny           # exit 1 above --threshold
+  geno-convert from-hf --hf hf/genos-tiny --out ckpt/imported
+  geno-train --config ckpt/imported/model.yaml checkpoint.load=ckpt/imported   # continue training
+  geno-convert inspect runs/ckpt
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="geno-convert", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_hf = sub.add_parser("to-hf", help="torch_dist checkpoint -> HuggingFace Mixtral directory")
+    to_hf.add_argument("--checkpoint", required=True, help="save dir (uses 'latest') or iter_N dir")
+    to_hf.add_argument("--iteration", type=int, help="iteration to convert (default: latest)")
+    to_hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    to_hf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    to_hf.add_argument("--shard-size", default="5GB", help="max safetensors file size (5GB)")
+    from_hf = sub.add_parser("from-hf", help="HuggingFace Mixtral directory -> torch_dist checkpoint")
+    from_hf.add_argument("--hf", required=True, help="directory with config.json and safetensors")
+    from_hf.add_argument("--out", required=True, help="output save dir (must not exist or be empty)")
+    inspect = sub.add_parser("inspect", help="config, iteration, layout and tensors of a checkpoint")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--iteration", type=int)
+    verify = sub.add_parser("verify", help="compare Megatron and transformers logits in fp32")
+    verify.add_argument("--checkpoint", required=True)
+    verify.add_argument("--iteration", type=int)
+    verify.add_argument("--hf", required=True)
+    verify.add_argument("--tokens", type=int, default=2048, help="DNA sequence length (2048)")
+    verify.add_argument("--threshold", type=float, default=1e-4,
+                        help="max absolute logit difference allowed (1e-4)")
+    return parser.parse_args(argv)
+
+
+def inspect_checkpoint(path: str, iteration) -> None:
+    from checkpoint_tools.mcore_checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(path, iteration)
+    print(f"checkpoint   {ckpt.path}")
+    print(f"iteration    {ckpt.iteration if ckpt.iteration is not None else 'n/a (weights only)'}")
+    print(f"layout       {json.dumps(ckpt.common.get('layout', {}))}")
+    if ckpt.common.get("imported_from"):
+        print(f"imported     {ckpt.common['imported_from']}")
+    print("model        " + json.dumps(ckpt.common.get("model_config", {})))
+    total = 0
+    print("tensors:")
+    for key in sorted(ckpt.shapes):
+        shape = ckpt.shapes[key]
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if not key.startswith(("optimizer", "chained_")):
+            total += numel
+        print(f"  {key:<72} {str(list(shape)):<22} {str(ckpt.dtypes[key]).replace('torch.', '')}")
+    print(f"model parameters: {total:,d}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
+        warnings.filterwarnings("ignore", message=text)
+    from tqdm import tqdm
+
+    from checkpoint_tools.mcore_checkpoint import ConversionError
+
+    try:
+        if args.command == "to-hf":
+            from checkpoint_tools.to_hf import mcore_to_hf
+
+            out = mcore_to_hf(args.checkpoint, args.out, args.dtype, args.shard_size,
+                              args.iteration, progress=tqdm)
+            print(f"wrote {out}")
+        elif args.command == "from-hf":
+            from checkpoint_tools.from_hf import hf_to_mcore
+
+            out = hf_to_mcore(args.hf, args.out)
+            print(f"wrote {out}; continue with: geno-train --config {out}/model.yaml "
+                  f"checkpoint.load={out}")
+        elif args.command == "inspect":
+            inspect_checkpoint(args.checkpoint, args.iteration)
+        else:
+            from checkpoint_tools.verify import verify
+
+            result = verify(args.checkpoint, args.hf, args.tokens, args.iteration)
+            ok = result.max_abs_logit_diff <= args.threshold
+            print(f"tokens {result.tokens}  max |logit diff| {result.max_abs_logit_diff:.3e}  "
+                  f"router top-k agreement {result.router_topk_agreement:.4f}  "
+                  f"{'OK' if ok else 'FAIL'} (threshold {args.threshold:g})")
+            return 0 if ok else 1
+    except ConversionError as err:
+        print(f"geno-convert: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""geno-convert on tiny checkpoints trained at TP=2, PP=2 and EP=2 (2 CPU processes)."""
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from tests.functional.launcher import geno_convert, geno_train
+
+LAYOUTS = {"tp2": "parallel.tensor_parallel=2", "pp2": "parallel.pipeline_parallel=2",
+           "ep2": "parallel.expert_parallel=2"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    for name, layout in LAYOUTS.items():
+        geno_train(root / f"run_{name}", "schedule.train_iters=3", layout,
+                   f"checkpoint.save={root / name}", nproc=2)
+    return root
+
+
+def to_hf(ckpt, out):
+    proc = geno_convert("to-hf", "--checkpoint", str(ckpt), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_transformers_logits_match_megatron(trained, name):
+    hf = to_hf(trained / name, trained / f"hf_{name}")
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"]
+    assert config["vocab_size"] == (256 if name == "tp2" else 128)  # padded to 128 x TP, kept
+    assert config["rope_theta"] == 5e7 and config["tie_word_embeddings"] is False
+    proc = geno_convert("verify", "--checkpoint", str(trained / name), "--hf", str(hf),
+                        "--tokens", "2048")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    diff = float(re.search(r"max \|logit diff\| (\S+)", proc.stdout).group(1))
+    agreement = float(re.search(r"agreement (\S+)", proc.stdout).group(1))
+    assert diff < 1e-4 and agreement == 1.0, proc.stdout
+
+
+def test_auto_classes_load_without_remote_code(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_geno.tokenizer import GenoTokenizer
+
+    hf = trained / "hf_ep2" if (trained / "hf_ep2").exists() else to_hf(trained / "ep2", trained / "hf_ep2")
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    assert type(model).__name__ == "MixtralForCausalLM"
+    tok = AutoTokenizer.from_pretrained(str(hf))
+    dna = "ACGTTGCAnnACGTRYACGT" * 10
+    assert tok(dna, add_special_tokens=False)["input_ids"] == GenoTokenizer().tokenize(dna).tolist()
+
+
+def test_round_trips_are_bit_identical(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from checkpoint_tools.mapping import RULES
+    from checkpoint_tools.mcore_checkpoint import open_checkpoint
+
+    hf1 = to_hf(trained / "tp2", tmp_path / "hf1")
+    proc = geno_convert("from-hf", "--hf", str(hf1), "--out", str(tmp_path / "mc"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    original, imported = open_checkpoint(trained / "tp2"), open_checkpoint(tmp_path / "mc")
+    for rule in RULES:  # mcore -> HF -> mcore
+        assert torch.equal(original.read(rule.mcore), imported.read(rule.mcore)), rule.mcore
+    hf2 = to_hf(tmp_path / "mc", tmp_path / "hf2")  # HF -> mcore -> HF
+    a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_current_transformers_naming_imports(trained, tmp_path):
+    """transformers >= 5 saves fused experts (mlp.experts.gate_up_proj); from-hf reads them too."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    hf1 = to_hf(trained / "pp2", tmp_path / "hf1")
+    model = AutoModelForCausalLM.from_pretrained(str(hf1), dtype=torch.float32)
+    current = tmp_path / "current"
+    current.mkdir()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # in-memory = current names
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state), sorted(state)[:5]
+    save_file(state, str(current / "model.safetensors"))
+    shutil.copy(hf1 / "config.json", current / "config.json")
+    proc = geno_convert("from-hf", "--hf", str(tmp_path / "current"), "--out", str(tmp_path / "mc"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf2 = to_hf(tmp_path / "mc", tmp_path / "hf2")
+    a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_imported_checkpoint_trains_at_another_layout(trained, tmp_path):
+    hf = to_hf(trained / "ep2", tmp_path / "hf")
+    assert geno_convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "mc")).returncode == 0
+    records = geno_train(tmp_path / "cont", "--config", str(tmp_path / "mc" / "model.yaml"),
+                         f"checkpoint.load={tmp_path / 'mc'}", "schedule.train_iters=2",
+                         "parallel.tensor_parallel=2", nproc=2)
+    assert len(records) == 2 and records[0]["loss"] < 5.0
+
+
+def _error(proc):
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("geno-convert: error:")]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def test_bad_inputs_are_one_clear_error(trained, tmp_path):
+    hf = to_hf(trained / "tp2", tmp_path / "hf")
+    sharded = geno_convert("to-hf", "--checkpoint", str(trained / "tp2"), "--out",
+                           str(tmp_path / "sharded"), "--shard-size", "100KB")
+    assert sharded.returncode == 0
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    assert "missing" in _error(geno_convert("from-hf", "--hf", str(tmp_path / "sharded"),
+                                            "--out", str(tmp_path / "o1")))
+    data = (hf / "model.safetensors").read_bytes()
+    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert "not a readable safetensors" in _error(
+        geno_convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "o2")))
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    assert "not a Mixtral architecture" in _error(
+        geno_convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "o3")))
+    for failed in ("o1", "o2", "o3"):
+        assert not (tmp_path / failed).exists()
+    assert "exists and is not empty" in _error(
+        geno_convert("to-hf", "--checkpoint", str(trained / "tp2"), "--out", str(hf)))
+    assert "does not exist" in _error(
+        geno_convert("to-hf", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o4")))

@@ -1,0 +1,59 @@
+"""The Mixtral layout pitfalls: QKV interleaved per query group, fc1 = [gate; up], tokenizer ids."""
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint_tools.mapping import merge_qkv, split_fc1, split_qkv
+
+
+def test_qkv_is_interleaved_per_query_group():
+    heads, groups, d, hidden = 4, 2, 3, 5
+    # label each output row by (group, slot) where slot 0..1 = query heads, 2 = key, 3 = value
+    rows = []
+    for g in range(groups):
+        for slot in range(heads // groups + 2):
+            for i in range(d):
+                rows.append(torch.full((hidden,), float(100 * g + 10 * slot + i)))
+    qkv = torch.stack(rows)
+    q, k, v = split_qkv(qkv, heads, groups, d)
+    # query head h belongs to group h // (heads // groups)
+    assert q[:, 0].tolist() == [0, 1, 2, 10, 11, 12, 100, 101, 102, 110, 111, 112]
+    assert k[:, 0].tolist() == [20, 21, 22, 120, 121, 122]
+    assert v[:, 0].tolist() == [30, 31, 32, 130, 131, 132]
+    assert torch.equal(merge_qkv(q, k, v, heads, groups, d), qkv)
+
+
+def test_fc1_is_gate_then_up():
+    fc1 = torch.cat([torch.zeros(4, 3), torch.ones(4, 3)])
+    gate, up = split_fc1(fc1)
+    assert gate.sum() == 0 and up.sum() == 12
+
+
+def test_router_renormalisation_matches_mixtral():
+    """megatron's top-k-then-softmax (pre_softmax=False) = Mixtral's softmax, top-k, renormalise."""
+    logits = torch.randn(50, 8)
+    top, idx = torch.topk(logits, 2, dim=-1)
+    megatron = torch.softmax(top, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    hf_top, hf_idx = torch.topk(probs, 2, dim=-1)
+    assert torch.equal(idx, hf_idx)
+    torch.testing.assert_close(megatron, hf_top / hf_top.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("policy", ["upper", "keep"])
+def test_hf_tokenizer_ids_equal_training_ids(tmp_path, policy):
+    from transformers import AutoTokenizer
+
+    from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
+    from megatron_geno.tokenizer import GenoTokenizer
+
+    write_hf_tokenizer(tmp_path, policy)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "ACGTNacgtnRYKMSWBDHVrykAX-"
+    ours = GenoTokenizer(policy).tokenize(text).tolist()
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours
+    assert hf.eos_token_id == 1 and hf.pad_token_id == 0 and len(hf) == 128
+    rng = np.random.default_rng(0)
+    seq = "".join(rng.choice(list("ACGTacgtN"), size=3000))
+    assert hf(seq, add_special_tokens=False)["input_ids"] == GenoTokenizer(policy).tokenize(seq).tolist()
