@@ -81,8 +81,32 @@ def hf_config(model: ModelConfig, dtype: str) -> dict:
     }
 
 
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Writes a safetensors file tensor by tensor, without building the whole file in memory."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for tensor in tensors.values():
+            f.write(tensor.contiguous().view(torch.uint8).numpy().data)
+
+
 class ShardWriter:
-    """Writes tensors into size-bounded safetensors files plus model.safetensors.index.json."""
+    """Writes tensors into size-bounded safetensors files plus model.safetensors.index.json.
+
+    Pending tensors may be views into a larger stored tensor; ``flush()`` after each stored key
+    lets that tensor be freed.
+    """
 
     def __init__(self, out: Path, max_bytes: int) -> None:
         self.out, self.max_bytes = out, max_bytes
@@ -95,17 +119,15 @@ class ShardWriter:
         size = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
-        self.pending[name] = tensor.contiguous()
+        self.pending[name] = tensor
         self.pending_bytes += size
         self.total += size
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         name = f"part-{len(self.files):05d}.safetensors"
-        save_file(self.pending, str(self.out / name), metadata={"format": "pt"})
+        write_safetensors(self.out / name, self.pending)
         self.files.append((name, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
@@ -134,8 +156,8 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                 shard_size: str = "5GB", iteration: Optional[int] = None, progress=None) -> Path:
     """Writes a HuggingFace Mixtral directory from a geno-train checkpoint; returns its path.
 
-    Reads one stored tensor at a time (peak memory: the largest stacked key, the experts' fc1,
-    plus one output shard). Writes into OUT.tmp and renames it to OUT when complete.
+    Reads one stored tensor at a time and writes it out before reading the next (peak memory:
+    the largest stacked key, the experts' fc1, about 2/3 of the model's bytes). Writes into OUT.tmp and renames it to OUT when complete.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be fp32 or bf16, got {dtype!r}")
@@ -166,6 +188,7 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
             else:
                 for expert in range(model.num_experts):
                     emit(rule, tensor[layer, expert], layer, expert)
+        writer.flush()  # the shard holds views of this key: write it before reading the next
         del tensor
     writer.finish()
     (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")

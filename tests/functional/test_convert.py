@@ -22,6 +22,16 @@ def trained(tmp_path_factory):
     return root
 
 
+def load_hf_tensors(directory):
+    """All tensors of a safetensors directory, whatever its sharding."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
 def to_hf(ckpt, out):
     proc = geno_convert("to-hf", "--checkpoint", str(ckpt), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -57,8 +67,6 @@ def test_auto_classes_load_without_remote_code(trained):
 
 
 def test_round_trips_are_bit_identical(trained, tmp_path):
-    from safetensors.torch import load_file
-
     from checkpoint_tools.mapping import RULES
     from checkpoint_tools.mcore_checkpoint import open_checkpoint
 
@@ -69,13 +77,13 @@ def test_round_trips_are_bit_identical(trained, tmp_path):
     for rule in RULES:  # mcore -> HF -> mcore
         assert torch.equal(original.read(rule.mcore), imported.read(rule.mcore)), rule.mcore
     hf2 = to_hf(tmp_path / "mc", tmp_path / "hf2")  # HF -> mcore -> HF
-    a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
+    a, b = load_hf_tensors(hf1), load_hf_tensors(hf2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_current_transformers_naming_imports(trained, tmp_path):
     """transformers >= 5 saves fused experts (mlp.experts.gate_up_proj); from-hf reads them too."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     hf1 = to_hf(trained / "pp2", tmp_path / "hf1")
@@ -89,7 +97,7 @@ def test_current_transformers_naming_imports(trained, tmp_path):
     proc = geno_convert("from-hf", "--hf", str(tmp_path / "current"), "--out", str(tmp_path / "mc"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     hf2 = to_hf(tmp_path / "mc", tmp_path / "hf2")
-    a, b = load_file(str(hf1 / "model.safetensors")), load_file(str(hf2 / "model.safetensors"))
+    a, b = load_hf_tensors(hf1), load_hf_tensors(hf2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -111,15 +119,16 @@ def _error(proc):
 def test_bad_inputs_are_one_clear_error(trained, tmp_path):
     hf = to_hf(trained / "tp2", tmp_path / "hf")
     sharded = geno_convert("to-hf", "--checkpoint", str(trained / "tp2"), "--out",
-                           str(tmp_path / "sharded"), "--shard-size", "100KB")
+                           str(tmp_path / "sharded"), "--shard-size", "20KB")
     assert sharded.returncode == 0
     shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[1].unlink()
     assert "missing" in _error(geno_convert("from-hf", "--hf", str(tmp_path / "sharded"),
                                             "--out", str(tmp_path / "o1")))
-    data = (hf / "model.safetensors").read_bytes()
-    (hf / "model.safetensors").write_bytes(data[: len(data) // 2])
+    victim = sorted(hf.glob("model-*.safetensors"))[-1]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
     assert "not a readable safetensors" in _error(
         geno_convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "o2")))
     config = json.loads((hf / "config.json").read_text())
