@@ -1,6 +1,6 @@
 """Run megatron-core 0.16.1 on CPU over gloo: every CPU accommodation lives in this module.
 
-megatron-core assumes CUDA in a handful of places (see ../shared/notes and docs/cpu.md): literal
+megatron-core assumes CUDA in a handful of places (docs/cpu.md lists them): literal
 ``device="cuda"``, ``torch.cuda.current_device()`` as a device, ``Tensor.cuda()``, CUDA streams and
 events, the CUDA RNG tracker, and a ``.type() == 'torch.cuda.FloatTensor'`` check in the distributed
 optimizer. ``activate()`` maps each of these to its CPU equivalent, and only when CUDA is absent:

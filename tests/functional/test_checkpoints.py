@@ -56,3 +56,31 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
     (ck / "latest").write_text("garbage")
     code, err = geno_train_error(tmp_path / "corrupt", "schedule.train_iters=3", load)
     assert code == 2 and "is corrupt" in err
+
+
+def test_sigusr1_saves_and_exits_cleanly(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.functional.launcher import BASE
+
+    run, ck = tmp_path / "run", tmp_path / "ck"
+    cmd = [sys.executable, "-m", "megatron_geno.cli", *BASE, f"logging.run_dir={run}",
+           f"data.cache_dir={tmp_path / 'data_cache'}", "schedule.train_iters=100000",
+           f"checkpoint.save={ck}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=240) == 0, proc.stderr.read()[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert (ck / "latest").read_text().strip() == str(steps[-1])
+    assert (ck / f"iter_{steps[-1]:07d}" / "metadata.json").exists()
