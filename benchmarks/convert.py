@@ -25,41 +25,50 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint_tools.to_hf import ShardWriter, hf_config  # noqa: E402
+from checkpoint_tools.to_hf import hf_config  # noqa: E402
 from megatron_geno.presets import get_preset  # noqa: E402
 
 
 def write_random_hf(out: Path, layers: int, dtype: torch.dtype) -> int:
-    """Writes a random genos-1.2b Mixtral directory (classic names); returns its fp32 bytes."""
+    """Writes a random genos-1.2b Mixtral directory (classic names, a file per layer); returns
+    the model's fp32 bytes."""
+    from safetensors.torch import save_file
+
     model = get_preset("genos-1.2b")
     model.num_layers, model.padded_vocab_size = layers, 128
     out.mkdir(parents=True)
-    writer = ShardWriter(out, 2 * 10**9)
     h, d, ffn = model.hidden_size, model.head_dim(), model.moe_ffn_hidden_size
     gen = torch.Generator().manual_seed(0)
     rand = lambda *shape: (torch.randn(*shape, generator=gen) * 0.02).to(dtype)  # noqa: E731
-    writer.add("model.embed_tokens.weight", rand(128, h))
-    writer.add("lm_head.weight", rand(128, h))
-    writer.add("model.norm.weight", torch.ones(h, dtype=dtype))
-    for layer in range(layers):
-        p = f"model.layers.{layer}."
-        writer.add(p + "input_layernorm.weight", torch.ones(h, dtype=dtype))
-        writer.add(p + "post_attention_layernorm.weight", torch.ones(h, dtype=dtype))
-        writer.add(p + "self_attn.q_proj.weight", rand(model.num_attention_heads * d, h))
-        writer.add(p + "self_attn.k_proj.weight", rand(model.num_query_groups * d, h))
-        writer.add(p + "self_attn.v_proj.weight", rand(model.num_query_groups * d, h))
-        writer.add(p + "self_attn.o_proj.weight", rand(h, model.num_attention_heads * d))
-        writer.add(p + "block_sparse_moe.gate.weight", rand(model.num_experts, h))
-        for e in range(model.num_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            writer.add(q + "w1.weight", rand(ffn, h))
-            writer.add(q + "w3.weight", rand(ffn, h))
-            writer.add(q + "w2.weight", rand(h, ffn))
-        writer.flush()
-    writer.finish()
+    ones = lambda n: torch.ones(n, dtype=dtype)  # noqa: E731
+    files = {"model-embed.safetensors": {"model.embed_tokens.weight": rand(128, h),
+                                         "lm_head.weight": rand(128, h),
+                                         "model.norm.weight": ones(h)}}
+    weight_map, numel = {}, 0
+    for layer in range(-1, layers):
+        if layer >= 0:
+            p = f"model.layers.{layer}."
+            tensors = {p + "input_layernorm.weight": ones(h),
+                       p + "post_attention_layernorm.weight": ones(h),
+                       p + "self_attn.q_proj.weight": rand(model.num_attention_heads * d, h),
+                       p + "self_attn.k_proj.weight": rand(model.num_query_groups * d, h),
+                       p + "self_attn.v_proj.weight": rand(model.num_query_groups * d, h),
+                       p + "self_attn.o_proj.weight": rand(h, model.num_attention_heads * d),
+                       p + "block_sparse_moe.gate.weight": rand(model.num_experts, h)}
+            for e in range(model.num_experts):
+                q = f"{p}block_sparse_moe.experts.{e}."
+                tensors.update({q + "w1.weight": rand(ffn, h), q + "w3.weight": rand(ffn, h),
+                                q + "w2.weight": rand(h, ffn)})
+            files = {f"model-layer{layer:03d}.safetensors": tensors}
+        for name, tensors in files.items():
+            save_file(tensors, str(out / name))
+            weight_map.update({k: name for k in tensors})
+            numel += sum(t.numel() for t in tensors.values())
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
     (out / "config.json").write_text(json.dumps(hf_config(model, name), indent=2))
-    return writer.total * 4 // torch.tensor([], dtype=dtype).element_size()
+    return numel * 4
 
 
 WRAPPER = """

@@ -102,8 +102,9 @@ class SafetensorsDir:
             raise ConversionError(f"cannot read {name} from {self.where[name]} ({err})") from err
 
 
-def gather_key(rule, st: SafetensorsDir, model: ModelConfig) -> torch.Tensor:
-    """Returns one megatron key's global tensor from HF tensors (classic or current names)."""
+def gather_key(rule, st: SafetensorsDir, model: ModelConfig) -> torch.Tensor | list[torch.Tensor]:
+    """Returns one megatron key from HF tensors (classic or current names): the tensor for
+    whole-model keys, else a list with one tensor per layer (never stacked: no extra copy)."""
     if rule.per == "model":
         return st.get(hf_names(rule)[0])
     layers = []
@@ -120,7 +121,7 @@ def gather_key(rule, st: SafetensorsDir, model: ModelConfig) -> torch.Tensor:
             layers.append(st.get(hf_names(rule, layer)[0]))
         else:
             layers.append(gather_experts(rule, st, model, layer))
-    return torch.stack(layers)
+    return layers
 
 
 def gather_experts(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> torch.Tensor:
@@ -133,6 +134,23 @@ def gather_experts(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> 
         parts = [st.get(n) for n in hf_names(rule, layer, expert)]
         experts.append(torch.cat(parts, dim=0) if rule.layout == "fc1" else parts[0])
     return torch.stack(experts)
+
+
+def stored_chunks(rule, tensor, sharded_tensor_cls) -> list:
+    """Returns one stored chunk per layer (and expert), as geno-train saves them, so that
+    readers can load a layer without reading the whole key. ``tensor`` is a whole-model tensor
+    or a list of per-layer tensors."""
+    if rule.per == "model":
+        return [sharded_tensor_cls.from_rank_offsets(rule.mcore, tensor.contiguous(), replica_id=0)]
+    layers = len(tensor)
+    if rule.per == "layer":
+        return [sharded_tensor_cls.from_rank_offsets(
+            rule.mcore, t.contiguous(), (0, l, layers), replica_id=0, prepend_axis_num=1)
+            for l, t in enumerate(tensor)]
+    experts = tensor[0].shape[0]
+    return [sharded_tensor_cls.from_rank_offsets(
+        rule.mcore, t[e].contiguous(), (0, l, layers), (1, e, experts), replica_id=0,
+        prepend_axis_num=2) for l, t in enumerate(tensor) for e in range(experts)]
 
 
 def tokenizer_spec(hf_dir: Path) -> str:
@@ -167,8 +185,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path) -> Path:
     ckpt.mkdir(parents=True)
     sharded = {}
     for rule in RULES:
-        tensor = gather_key(rule, st, model).contiguous()
-        sharded[rule.mcore] = ShardedTensor.from_rank_offsets(rule.mcore, tensor, replica_id=0)
+        tensor = gather_key(rule, st, model)
+        sharded[rule.mcore] = stored_chunks(rule, tensor, ShardedTensor)
     cfg = TrainConfig(model=model)
     cfg.data.tokenizer = tokenizer_spec(hf_dir)
     state = {"model": sharded, "model_config": dataclasses.asdict(model), "weights_only": True,

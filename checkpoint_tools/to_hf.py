@@ -84,63 +84,88 @@ def hf_config(model: ModelConfig, dtype: str) -> dict:
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Writes a safetensors file tensor by tensor, without building the whole file in memory."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with path.open("wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for tensor in tensors.values():
-            f.write(tensor.contiguous().view(torch.uint8).numpy().data)
-
-
 class ShardWriter:
-    """Writes tensors into size-bounded safetensors files plus model.safetensors.index.json.
+    """Streams tensors, in a known order, into size-bounded safetensors files plus the index.
 
-    Pending tensors may be views into a larger stored tensor; ``flush()`` after each stored key
-    lets that tensor be freed.
+    The plan (names and shapes, in the order they will be added) is known before any data is
+    read, so each file's header is written first and every tensor goes to disk as it arrives:
+    memory does not grow with the shard size.
     """
 
-    def __init__(self, out: Path, max_bytes: int) -> None:
-        self.out, self.max_bytes = out, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
+    def __init__(self, out: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 max_bytes: int) -> None:
+        self.out, self.plan, self.dtype = out, plan, dtype
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        self.sizes = [itemsize * int(torch.Size(shape).numel()) for _, shape in plan]
+        self.file_of, file, used = [], 0, 0
+        for size in self.sizes:
+            if used and used + size > max_bytes:
+                file, used = file + 1, 0
+            self.file_of.append(file)
+            used += size
+        n = file + 1
+        self.names = ["model.safetensors"] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.next, self.handle = 0, None
+
+    def _open(self, file: int) -> None:
+        if self.handle:
+            self.handle.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i, (name, shape) in enumerate(self.plan):
+            if self.file_of[i] == file:
+                header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + self.sizes[i]]}
+                offset += self.sizes[i]
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.handle = (self.out / self.names[file]).open("wb")
+        self.handle.write(len(raw).to_bytes(8, "little") + raw)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor
-        self.pending_bytes += size
-        self.total += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        name = f"part-{len(self.files):05d}.safetensors"
-        write_safetensors(self.out / name, self.pending)
-        self.files.append((name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        expected, shape = self.plan[self.next]
+        if name != expected or tuple(tensor.shape) != tuple(shape):
+            raise ConversionError(f"internal: got {name} {tuple(tensor.shape)}, planned {expected} {shape}")
+        if self.next == 0 or self.file_of[self.next] != self.file_of[self.next - 1]:
+            self._open(self.file_of[self.next])
+        self.handle.write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy().data)
+        self.next += 1
 
     def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
-        weight_map = {}
-        for i, (tmp_name, names) in enumerate(self.files):
-            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.out / tmp_name).rename(self.out / final)
-            weight_map.update({tensor: final for tensor in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        if self.handle:
+            self.handle.close()
+        if self.next != len(self.plan):
+            raise ConversionError(f"internal: wrote {self.next} of {len(self.plan)} planned tensors")
+        weight_map = {name: self.names[self.file_of[i]] for i, (name, _) in enumerate(self.plan)}
+        index = {"metadata": {"total_size": sum(self.sizes)}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def conversion_order(model: ModelConfig):
+    """Yields (rule, layer, expert) in output order: whole-model tensors, then layer by layer."""
+    for rule in RULES:
+        if rule.per == "model":
+            yield rule, None, None
+    for layer in range(model.num_layers):
+        for rule in RULES:
+            if rule.per == "layer":
+                yield rule, layer, None
+            elif rule.per == "expert":
+                for expert in range(model.num_experts):
+                    yield rule, layer, expert
+
+
+def plan_tensors(ckpt: McoreCheckpoint, model: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Returns every HF (name, shape) in output order, from the stored shapes (no data read)."""
+    leading = {"model": 0, "layer": 1, "expert": 2}
+    plan = []
+    for rule, layer, expert in conversion_order(model):
+        if rule.mcore not in ckpt.shapes:
+            raise ConversionError(f"{ckpt.path}: tensor {rule.mcore} is missing from the checkpoint")
+        stored = torch.empty(ckpt.shapes[rule.mcore][leading[rule.per]:], device="meta")
+        parts = to_hf_tensors(rule, stored, model)
+        plan += [(n, tuple(t.shape)) for n, t in zip(hf_names(rule, layer, expert), parts)]
+    return plan
 
 
 def tokenizer_policy(ckpt: McoreCheckpoint) -> str:
@@ -156,8 +181,9 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                 shard_size: str = "5GB", iteration: Optional[int] = None, progress=None) -> Path:
     """Writes a HuggingFace Mixtral directory from a geno-train checkpoint; returns its path.
 
-    Reads one stored tensor at a time and writes it out before reading the next (peak memory:
-    the largest stacked key, the experts' fc1, about 2/3 of the model's bytes). Writes into OUT.tmp and renames it to OUT when complete.
+    Reads one layer of one stored tensor at a time and streams it to disk (peak memory: one
+    layer's expert fc1, or the embedding, whatever the shard size). Writes into OUT.tmp and
+    renames it to OUT when complete.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be fp32 or bf16, got {dtype!r}")
@@ -170,26 +196,16 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp, parse_size(shard_size))
-    cast = DTYPES[dtype]
-
-    def emit(rule, tensor, layer=None, expert=None):
-        for name, part in zip(hf_names(rule, layer, expert), to_hf_tensors(rule, tensor, model)):
-            writer.add(name, part.to(cast))
-
-    rules = progress(RULES, desc="tensors") if progress else RULES
-    for rule in rules:
-        tensor = ckpt.read(rule.mcore)  # one stored key at a time (all its layers)
-        if rule.per == "model":
-            emit(rule, tensor)
-        for layer in range(model.num_layers if rule.per != "model" else 0):
-            if rule.per == "layer":
-                emit(rule, tensor[layer], layer)
-            else:
-                for expert in range(model.num_experts):
-                    emit(rule, tensor[layer, expert], layer, expert)
-        writer.flush()  # the shard holds views of this key: write it before reading the next
-        del tensor
+    writer = ShardWriter(tmp, plan_tensors(ckpt, model), DTYPES[dtype], parse_size(shard_size))
+    steps = list(conversion_order(model))
+    current = (None, None, None)  # (key, layer, tensor): one layer of one stored key in memory
+    for rule, layer, expert in progress(steps, desc="tensors") if progress else steps:
+        if current[:2] != (rule.mcore, layer):
+            tensor = ckpt.read(rule.mcore) if layer is None else ckpt.read_layer(rule.mcore, layer)
+            current = (rule.mcore, layer, tensor)
+        stored = current[2] if expert is None else current[2][expert]
+        for name, part in zip(hf_names(rule, layer, expert), to_hf_tensors(rule, stored, model)):
+            writer.add(name, part)
     writer.finish()
     (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
     write_hf_tokenizer(tmp, tokenizer_policy(ckpt))
