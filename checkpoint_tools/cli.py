@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 
 EPILOG = """\
 examples:
@@ -69,8 +68,9 @@ def inspect_checkpoint(path: str, iteration) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-        warnings.filterwarnings("ignore", message=text)
+    from megatron_geno.cli import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()
     from tqdm import tqdm
 
     from checkpoint_tools.mcore_checkpoint import ConversionError

@@ -23,6 +23,11 @@ BASE = [
 ]
 
 
+def quiet_env() -> dict:
+    """The environment for child processes: one thread each (2 ranks share 2 cores), no warnings."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
 def geno_train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
     """Runs geno-train under torchrun with nproc processes; returns metrics.jsonl records."""
     cmd = [
@@ -31,8 +36,7 @@ def geno_train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 60
         f"logging.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}",
         *overrides,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=quiet_env())
     if proc.returncode != 0:
         raise AssertionError(
             f"geno-train failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}"
@@ -52,17 +56,20 @@ def assert_close(actual: list[float], expected: list[float], rtol: float) -> Non
         assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})\n{actual}\n{expected}"
 
 
+def single_process_command(run_dir: Path, *overrides: str) -> list[str]:
+    """The command line of one geno-train process (no torchrun) with the test settings."""
+    return [sys.executable, "-m", "megatron_geno.cli", *BASE, f"logging.run_dir={run_dir}",
+            f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
+
+
 def geno_train_error(run_dir: Path, *overrides: str, timeout: int = 300) -> tuple[int, str]:
     """Runs single-process geno-train expecting failure; returns (exit code, stderr)."""
-    cmd = [sys.executable, "-m", "megatron_geno.cli", *BASE, f"logging.run_dir={run_dir}",
-           f"data.cache_dir={run_dir.parent / 'data_cache'}", *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = single_process_command(run_dir, *overrides)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=quiet_env())
     return proc.returncode, proc.stderr
 
 
 def geno_convert(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Runs geno-convert; returns the completed process (the caller checks the exit code)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "checkpoint_tools.cli", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=quiet_env())

@@ -60,20 +60,16 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
 
 def test_sigusr1_saves_and_exits_cleanly(tmp_path):
     import json
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
-    from tests.functional.launcher import BASE
+    from tests.functional.launcher import quiet_env, single_process_command
 
     run, ck = tmp_path / "run", tmp_path / "ck"
-    cmd = [sys.executable, "-m", "megatron_geno.cli", *BASE, f"logging.run_dir={run}",
-           f"data.cache_dir={tmp_path / 'data_cache'}", "schedule.train_iters=100000",
-           f"checkpoint.save={ck}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = single_process_command(run, "schedule.train_iters=100000", f"checkpoint.save={ck}")
+    proc = subprocess.Popen(cmd, env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
