@@ -246,8 +246,8 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
-    if d.source not in ("synthetic", "megatron", "zarr"):
-        raise ConfigError(f"data.source must be synthetic, megatron or zarr, got {d.source!r}")
+    if d.source not in ("synthetic", "megatron"):
+        raise ConfigError(f"data.source must be synthetic or megatron, got {d.source!r}")
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
     if m.moe_token_dispatcher not in ("auto", "alltoall", "allgather"):

@@ -124,13 +124,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
     cache_dir = Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache"
     if d.source == "synthetic":
         paths, weights = [synthetic_prefix(cfg, cache_dir)], None
-    elif d.source == "megatron":
+    else:
         paths, weights = parse_blend(d.blend)
         check_prefixes(paths, d.split)
-    else:
-        from megatron_geno.zarr_dataset import build_zarr_datasets  # token store issue
-
-        return build_zarr_datasets(cfg, tokenizer, cache_dir)
     config = GPTDatasetConfig(
         random_seed=s.seed,
         sequence_length=d.seq_length,
@@ -168,5 +164,7 @@ def microbatches(
         for start in range(0, global_batch_size, micro_batch_size * dp_size):
             first = sample + start + dp_rank * micro_batch_size
             items = [dataset[(first + i) % len(dataset)] for i in range(micro_batch_size)]
-            yield {k: torch.stack([it[k] for it in items]) for k in items[0]}
+            # a blend adds a numpy 'dataset_id' per sample: keep the tensors
+            yield {k: torch.stack([it[k] for it in items]) for k, v in items[0].items()
+                   if torch.is_tensor(v)}
         sample += global_batch_size

@@ -184,7 +184,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         state.consumed_samples += d.global_batch_size
         loss = reduce_loss(outputs)
         elapsed = time.perf_counter() - start
-        if state.iteration % cfg.logging.log_interval == 0 or state.iteration == s.train_iters:
+        log_due = state.iteration % cfg.logging.log_interval == 0 or state.iteration == s.train_iters
+        eval_due = bool(s.eval_interval) and state.iteration % s.eval_interval == 0
+        if log_due or eval_due:
             tokens_per_s = d.global_batch_size * d.seq_length / elapsed
             record = {
                 "step": state.iteration, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
@@ -195,7 +197,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                 "consumed_samples": state.consumed_samples,
                 "expert_load": expert_load.fractions(),
             }
-            if s.eval_interval and state.iteration % s.eval_interval == 0:
+            if eval_due:
                 record["val_loss"] = run_eval()
             records.append(record)
             if writer:
