@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         elif args.command == "from-hf":
             from checkpoint_tools.from_hf import hf_to_mcore
 
-            out = hf_to_mcore(args.hf, args.out)
+            out = hf_to_mcore(args.hf, args.out, progress=tqdm)
             print(f"wrote {out}; continue with: geno-train --config {out}/model.yaml "
                   f"checkpoint.load={out}")
         elif args.command == "inspect":

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from checkpoint_tools.mapping import CURRENT_HF_NAMES, RULES, hf_names, merge_qkv
-from checkpoint_tools.mcore_checkpoint import ConversionError, init_single_process
+from checkpoint_tools.mcore_checkpoint import ConversionError
+from checkpoint_tools.torch_dist_writer import TorchDistWriter
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.presets import PRESETS
 
@@ -59,12 +60,17 @@ def model_config_from_hf(config: dict) -> ModelConfig:
     )
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
 class SafetensorsDir:
-    """Lazy access to the tensors of a (sharded) safetensors directory."""
+    """The tensors of a (sharded) safetensors directory, read one at a time with plain reads.
+
+    No mmap: mapped pages a conversion has touched would stay in its resident memory.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
-        from safetensors import safe_open
-
         index = hf_dir / "model.safetensors.index.json"
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -73,22 +79,43 @@ class SafetensorsDir:
         else:
             raise ConversionError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
         files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-        self.handles, self.where = {}, {}
+        self.where: dict[str, tuple] = {}
         for name in files:
             path = hf_dir / name
             if not path.exists():
                 raise ConversionError(f"{hf_dir}: shard {name} listed in the index is missing")
-            try:
-                handle = safe_open(str(path), framework="pt")
-                keys = list(handle.keys())
-            except Exception as err:  # safetensors raises its own error types
-                raise ConversionError(f"{path} is not a readable safetensors file ({err})") from err
-            self.handles[name] = handle
-            self.where.update({key: name for key in keys})
+            self.where.update(self._read_header(path))
         if weight_map:
             missing = [k for k in weight_map if k not in self.where]
             if missing:
                 raise ConversionError(f"{hf_dir}: tensor {missing[0]} listed in the index is in no shard")
+
+    @staticmethod
+    def _read_header(path: Path) -> dict[str, tuple]:
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                length = int.from_bytes(f.read(8), "little")
+                if not 0 < length <= size - 8:
+                    raise ValueError("bad header length")
+                header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ConversionError(f"{path} is not a readable safetensors file ({err})") from err
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            if 8 + length + end > size:
+                raise ConversionError(
+                    f"{path} is not a readable safetensors file (tensor {name} extends past the "
+                    f"end of the file: truncated?)"
+                )
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            entries[name] = (path, 8 + length + begin, end - begin,
+                             SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+        return entries
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -96,32 +123,27 @@ class SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConversionError(f"tensor {name} is missing from the safetensors files")
-        try:
-            return self.handles[self.where[name]].get_tensor(name)
-        except Exception as err:
-            raise ConversionError(f"cannot read {name} from {self.where[name]} ({err})") from err
+        path, offset, length, dtype, shape = self.where[name]
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = bytearray(f.read(length))
+        if len(data) != length:
+            raise ConversionError(f"{path}: tensor {name} is truncated")
+        return torch.frombuffer(data, dtype=dtype).reshape(shape) if length else torch.empty(shape, dtype=dtype)
 
 
-def gather_key(rule, st: SafetensorsDir, model: ModelConfig) -> torch.Tensor | list[torch.Tensor]:
-    """Returns one megatron key from HF tensors (classic or current names): the tensor for
-    whole-model keys, else a list with one tensor per layer (never stacked: no extra copy)."""
-    if rule.per == "model":
-        return st.get(hf_names(rule)[0])
-    layers = []
-    for layer in range(model.num_layers):
-        if rule.layout == "qkv":
-            q, k, v = (st.get(n) for n in hf_names(rule, layer))
-            layers.append(merge_qkv(q, k, v, model.num_attention_heads, model.num_query_groups,
-                                    model.head_dim()))
-        elif rule.per == "layer" and rule.mcore.endswith("router.weight"):
-            classic = hf_names(rule, layer)[0]
-            layers.append(st.get(classic if classic in st else
-                                 CURRENT_HF_NAMES["router"].format(layer=layer)))
-        elif rule.per == "layer":
-            layers.append(st.get(hf_names(rule, layer)[0]))
-        else:
-            layers.append(gather_experts(rule, st, model, layer))
-    return layers
+def layer_tensor(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> torch.Tensor:
+    """Returns one layer of a megatron key from HF tensors (classic or current names);
+    for expert keys, all experts of the layer: [E, ...]."""
+    if rule.layout == "qkv":
+        q, k, v = (st.get(n) for n in hf_names(rule, layer))
+        return merge_qkv(q, k, v, model.num_attention_heads, model.num_query_groups, model.head_dim())
+    if rule.per == "layer" and rule.mcore.endswith("router.weight"):
+        classic = hf_names(rule, layer)[0]
+        return st.get(classic if classic in st else CURRENT_HF_NAMES["router"].format(layer=layer))
+    if rule.per == "layer":
+        return st.get(hf_names(rule, layer)[0])
+    return gather_experts(rule, st, model, layer)
 
 
 def gather_experts(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> torch.Tensor:
@@ -136,23 +158,6 @@ def gather_experts(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> 
     return torch.stack(experts)
 
 
-def stored_chunks(rule, tensor, sharded_tensor_cls) -> list:
-    """Returns one stored chunk per layer (and expert), as geno-train saves them, so that
-    readers can load a layer without reading the whole key. ``tensor`` is a whole-model tensor
-    or a list of per-layer tensors."""
-    if rule.per == "model":
-        return [sharded_tensor_cls.from_rank_offsets(rule.mcore, tensor.contiguous(), replica_id=0)]
-    layers = len(tensor)
-    if rule.per == "layer":
-        return [sharded_tensor_cls.from_rank_offsets(
-            rule.mcore, t.contiguous(), (0, l, layers), replica_id=0, prepend_axis_num=1)
-            for l, t in enumerate(tensor)]
-    experts = tensor[0].shape[0]
-    return [sharded_tensor_cls.from_rank_offsets(
-        rule.mcore, t[e].contiguous(), (0, l, layers), (1, e, experts), replica_id=0,
-        prepend_axis_num=2) for l, t in enumerate(tensor) for e in range(experts)]
-
-
 def tokenizer_spec(hf_dir: Path) -> str:
     """Returns data.tokenizer for the imported model: geno when the ids are ours, else the dir."""
     config_path = hf_dir / "tokenizer_config.json"
@@ -165,11 +170,12 @@ def tokenizer_spec(hf_dir: Path) -> str:
     return "geno"
 
 
-def hf_to_mcore(hf_dir: str | Path, out: str | Path) -> Path:
-    """Writes OUT/iter_0000000 (weights only) + OUT/latest + OUT/model.yaml; returns OUT."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, progress=None) -> Path:
+    """Writes OUT/iter_0000000 (weights only) + OUT/latest + OUT/model.yaml; returns OUT.
 
+    Holds one layer of one tensor at a time (TorchDistWriter). Writes into OUT.tmp and renames
+    it to OUT when complete.
+    """
     hf_dir, out = Path(hf_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConversionError(f"output directory {out} exists and is not empty")
@@ -178,20 +184,30 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path) -> Path:
     st = SafetensorsDir(hf_dir)
     if config.get("tie_word_embeddings") and "lm_head.weight" not in st:
         raise ConversionError(f"{hf_dir}: tied embeddings; Genos keeps input and output separate")
-    init_single_process()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     ckpt = tmp / "iter_0000000"
-    ckpt.mkdir(parents=True)
-    sharded = {}
-    for rule in RULES:
-        tensor = gather_key(rule, st, model)
-        sharded[rule.mcore] = stored_chunks(rule, tensor, ShardedTensor)
+    writer = TorchDistWriter(ckpt)
+    layers = model.num_layers
+    steps = [(rule, layer) for rule in RULES
+             for layer in ([None] if rule.per == "model" else range(layers))]
+    for rule, layer in progress(steps, desc="tensors") if progress else steps:
+        if layer is None:
+            tensor = st.get(hf_names(rule)[0])
+            writer.add(rule.mcore, tensor, (0,) * tensor.dim(), tuple(tensor.shape))
+            continue
+        tensor = layer_tensor(rule, st, model, layer)  # one layer in memory at a time
+        shape = (layers, *tensor.shape)
+        if rule.per == "layer":
+            writer.add(rule.mcore, tensor[None], (layer,) + (0,) * tensor.dim(), shape)
+        else:  # one chunk per (layer, expert), as geno-train stores experts
+            for expert in range(tensor.shape[0]):
+                writer.add(rule.mcore, tensor[expert][None, None],
+                           (layer, expert) + (0,) * (tensor.dim() - 1), shape)
     cfg = TrainConfig(model=model)
     cfg.data.tokenizer = tokenizer_spec(hf_dir)
-    state = {"model": sharded, "model_config": dataclasses.asdict(model), "weights_only": True,
-             "imported_from": str(hf_dir.resolve())}
-    dist_checkpointing.save(state, str(ckpt))
+    writer.finish({"model_config": dataclasses.asdict(model), "weights_only": True,
+                   "imported_from": str(hf_dir.resolve())})
     (ckpt / "config.yaml").write_text(cfg.to_yaml())
     model_yaml = {"model": dataclasses.asdict(model), "data": {"tokenizer": cfg.data.tokenizer}}
     (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
