@@ -57,3 +57,28 @@ def test_hf_tokenizer_ids_equal_training_ids(tmp_path, policy):
     rng = np.random.default_rng(0)
     seq = "".join(rng.choice(list("ACGTacgtN"), size=3000))
     assert hf(seq, add_special_tokens=False)["input_ids"] == GenoTokenizer(policy).tokenize(seq).tolist()
+
+
+def test_torch_dist_writer_chunks_read_back(tmp_path):
+    """A key written chunk by chunk reads back whole (megatron-core) and by layer (chunk index)."""
+    from checkpoint_tools.mcore_checkpoint import open_checkpoint
+    from checkpoint_tools.torch_dist_writer import TorchDistWriter
+
+    full = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    writer = TorchDistWriter(tmp_path / "ck")
+    for layer in range(2):
+        for row in range(3):
+            writer.add("w", full[layer, row][None, None], (layer, row, 0), (2, 3, 4))
+    writer.finish({"model_config": {}})
+    ckpt = open_checkpoint(tmp_path / "ck")
+    assert torch.equal(ckpt.read("w"), full)
+    assert torch.equal(ckpt.read_layer("w", 1), full[1])
+
+
+def test_torch_dist_writer_refuses_uncovered_key(tmp_path):
+    from checkpoint_tools.torch_dist_writer import TorchDistWriter
+
+    writer = TorchDistWriter(tmp_path / "ck")
+    writer.add("w", torch.ones(1, 3), (0, 0), (2, 3))
+    with pytest.raises(ValueError, match="cover 3 of 6"):
+        writer.finish({})
