@@ -11,8 +11,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_geno*", "data_pipeline*", "checkpoint_tools*", "launch*"]),
-    package_data={"launch": ["recipes/*.yaml", "*.sh", "slurm/*.sbatch"]},
+    packages=find_packages(include=["megatron_geno*", "checkpoint_tools*"]),
     install_requires=[
         "torch>=2.4",
         MEGATRON_CORE,
