@@ -48,7 +48,7 @@ def main() -> None:
     label = f"{args.preset} L={args.layers} seq={args.seq}"
     rows.append((label, measure(args.preset, args.seq, args.layers, args.mbs, args.gbs, args.steps)))
     base = rows[0][1]["tflops"]
-    print(f"\n| run | tokens/s | TFLOP/s per device | MFU | x baseline TFLOP/s |")
+    print("\n| run | tokens/s | TFLOP/s per device | MFU | x baseline TFLOP/s |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a (CPU)"

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from checkpoint_tools.mcore_checkpoint import ConversionError
+    from megatron_geno.checkpointing import CheckpointError
 
     try:
         if args.command == "to-hf":
@@ -99,7 +100,7 @@ def main(argv=None) -> int:
                   f"router top-k agreement {result.router_topk_agreement:.4f}  "
                   f"{'OK' if ok else 'FAIL'} (threshold {args.threshold:g})")
             return 0 if ok else 1
-    except ConversionError as err:
+    except (ConversionError, CheckpointError) as err:
         print(f"geno-convert: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -29,10 +29,10 @@ def dna_tokens(length: int, seed: int = 0) -> torch.Tensor:
 
 def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Tensor):
     """Returns (logits [1, s, V], per-layer routing maps) from the checkpoint at TP=PP=EP=1."""
-    from megatron.core import dist_checkpointing
     from megatron.core.transformer.moe.router import TopKRouter
 
     from megatron_geno import distributed
+    from megatron_geno.checkpointing import load_model_weights
     from megatron_geno.config import TrainConfig
     from megatron_geno.model import build_gpt_model
     from megatron_geno.tokenizer import VOCAB_SIZE
@@ -41,8 +41,7 @@ def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Te
     cfg = TrainConfig(model=ckpt.model, precision="fp32")
     distributed.initialize(cfg.parallel, seed=0)
     model = build_gpt_model(cfg, VOCAB_SIZE)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path))
-    model.load_state_dict(loaded["model"])
+    load_model_weights(model, ckpt.path, ckpt.common)
     model.eval()
     routes: dict[int, torch.Tensor] = {}
 

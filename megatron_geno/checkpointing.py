@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_geno.config import ModelConfig, TrainConfig
@@ -164,16 +164,50 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     return final
 
 
+def read_common(ckpt: Path) -> dict:
+    """Returns the checkpoint's non-tensor state (common.pt); CheckpointError if unreadable."""
+    try:
+        return dist_checkpointing.load_common_state_dict(str(ckpt))
+    except Exception as err:  # torch.load errors vary by corruption
+        raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
+
+
 def adopt_checkpoint_vocab(cfg: TrainConfig) -> None:
     """Takes the padded vocabulary of the checkpoint to load, unless the config sets one."""
     if not cfg.checkpoint.load or cfg.model.padded_vocab_size is not None:
         return
-    ckpt = resolve_checkpoint_dir(cfg.checkpoint.load)
-    try:
-        saved = dist_checkpointing.load_common_state_dict(str(ckpt)).get("model_config", {})
-    except Exception as err:
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
+    saved = read_common(resolve_checkpoint_dir(cfg.checkpoint.load)).get("model_config", {})
     cfg.model.padded_vocab_size = saved.get("padded_vocab_size")
+
+
+def model_weights_request(gpt_model, common: dict) -> dict:
+    """Returns the model's sharded state dict to load from a checkpoint with this common state.
+
+    An HF import (geno-convert from-hf) carries parameters only, no (empty) _extra_state.
+    """
+    request = gpt_model.sharded_state_dict()
+    if common.get("imported_from") is not None:
+        request = {k: v for k, v in request.items() if not k.endswith("_extra_state")}
+    return request
+
+
+def apply_model_weights(gpt_model, state: dict, common: dict, ckpt: Path) -> None:
+    """Loads loaded model tensors into the model; CheckpointError if a parameter is missing."""
+    imported = common.get("imported_from") is not None
+    result = gpt_model.load_state_dict(state, strict=not imported)
+    missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt} lacks parameter {missing[0]}")
+
+
+def load_model_weights(gpt_model, ckpt: Path, common: dict) -> None:
+    """Loads only the model weights of a torch_dist checkpoint into an (unwrapped) GPTModel."""
+    request = {"model": model_weights_request(gpt_model, common)}
+    try:
+        loaded = dist_checkpointing.load(request, str(ckpt))
+    except Exception as err:
+        raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
+    apply_model_weights(gpt_model, loaded["model"], common, ckpt)
 
 
 def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
@@ -225,10 +259,7 @@ def load_checkpoint(
 ) -> TrainState:
     """Loads cfg.checkpoint.load into model (and optimizer, scheduler, RNG unless weights_only)."""
     ckpt = resolve_checkpoint_dir(cfg.checkpoint.load, iteration)
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as err:  # torch.load errors vary by corruption
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
+    common = read_common(ckpt)
     if "model_config" in common:
         check_architecture(common["model_config"], cfg.model, ckpt)
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
@@ -238,10 +269,7 @@ def load_checkpoint(
     # megatron-core 0.16.1 cannot map the optimizer's non-tensor state between one optimizer and
     # a chain of two (dense + experts): across that change only Adam moments start fresh.
     fresh_moments = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
-    model_sd = _model_sharded_state_dict(model)
-    imported = common.get("imported_from") is not None
-    if imported:  # an HF import carries parameters only, no (empty) per-module _extra_state
-        model_sd = {k: v for k, v in model_sd.items() if not k.endswith("_extra_state")}
+    model_sd = model_weights_request(_unwrap(model), common)
     sharded = {"model": model_sd}
     if fresh_moments and not weights_only:
         log.warning("%s was saved with %d optimizer(s), this layout has %d: loading weights, "
@@ -258,10 +286,7 @@ def load_checkpoint(
         loaded = dist_checkpointing.load(sharded, str(ckpt))
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
-    result = _unwrap(model).load_state_dict(loaded["model"], strict=not imported)
-    missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} lacks parameter {missing[0]}")
+    apply_model_weights(_unwrap(model), loaded["model"], common, ckpt)
     if weights_only:
         log.info("loaded weights from %s (fresh optimizer, schedule and data position)", ckpt)
         return TrainState()

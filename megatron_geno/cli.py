@@ -39,10 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def print_params(cfg) -> None:
-    from megatron_geno.presets import PUBLISHED_PARAMS, count_parameters, padded_vocab_size
+    from megatron_geno.presets import PUBLISHED_PARAMS, count_parameters, resolve_padded_vocab
     from megatron_geno.tokenizer import VOCAB_SIZE
 
-    vocab = padded_vocab_size(VOCAB_SIZE, cfg.model.make_vocab_size_divisible_by, 1)
+    vocab = resolve_padded_vocab(cfg.model, VOCAB_SIZE, 1)
     counts = count_parameters(cfg.model, vocab)
     print(f"preset {cfg.model.preset}: padded vocab {vocab}")
     print(f"  total parameters : {counts['total']:>15,d}  ({counts['total'] / 1e9:.3f} B)")

@@ -57,6 +57,10 @@ class ParallelConfig:
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
 
+    def expert_tp(self) -> int:
+        """The expert tensor-parallel size in effect (expert_tensor_parallel, else TP)."""
+        return self.expert_tensor_parallel or self.tensor_parallel
+
 
 @dataclass
 class DataConfig:
@@ -251,7 +255,7 @@ def validate(cfg: TrainConfig) -> None:
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
     if m.moe_token_dispatcher not in ("auto", "alltoall", "allgather"):
-        raise ConfigError(f"model.moe_token_dispatcher must be auto, alltoall or allgather")
+        raise ConfigError(f"model.moe_token_dispatcher must be auto, alltoall or allgather, got {m.moe_token_dispatcher!r}")
     if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= cfg.schedule.train_iters:
         raise ConfigError(
             f"schedule.warmup_iters={cfg.schedule.warmup_iters} must be smaller than "

@@ -42,7 +42,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
             f"{parallel.pipeline_parallel} x {parallel.context_parallel} = {model_parallel}"
         )
     dp = world // model_parallel
-    etp = parallel.expert_tensor_parallel or parallel.tensor_parallel
+    etp = parallel.expert_tp()
     expert_dp_world = parallel.tensor_parallel * dp * parallel.context_parallel
     if expert_dp_world % (parallel.expert_parallel * etp):
         raise ConfigError(

@@ -102,7 +102,7 @@ def transformer_config(
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
-        expert_tensor_parallel_size=parallel.expert_tensor_parallel or parallel.tensor_parallel,
+        expert_tensor_parallel_size=parallel.expert_tp(),
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

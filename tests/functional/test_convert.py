@@ -73,6 +73,8 @@ def test_round_trips_are_bit_identical(trained, tmp_path):
     hf1 = to_hf(trained / "tp2", tmp_path / "hf1")
     proc = geno_convert("from-hf", "--hf", str(hf1), "--out", str(tmp_path / "mc"))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    verified = geno_convert("verify", "--checkpoint", str(tmp_path / "mc"), "--hf", str(hf1))
+    assert verified.returncode == 0, verified.stdout + verified.stderr[-3000:]  # an import verifies
     original, imported = open_checkpoint(trained / "tp2"), open_checkpoint(tmp_path / "mc")
     for rule in RULES:  # mcore -> HF -> mcore
         assert torch.equal(original.read(rule.mcore), imported.read(rule.mcore)), rule.mcore
