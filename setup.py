@@ -11,7 +11,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_geno*", "checkpoint_tools*"]),
+    packages=find_packages(include=["megatron_geno*", "checkpoint_tools*", "data_pipeline*"]),
     install_requires=[
         "torch>=2.4",
         MEGATRON_CORE,
@@ -23,17 +23,20 @@ setup(
         "einops",
         "zarr>=3.0,<4",
         "numcodecs",
+        "isal",  # fast gzip/bgzip decompression in data_pipeline
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "test": ["pytest"],
+        "bench": ["biopython"],  # the baseline of benchmarks/preprocess_throughput.py
         "finetune": ["deepspeed"],
     },
     entry_points={
         "console_scripts": [
             "geno-train=megatron_geno.cli:main",
             "geno-convert=checkpoint_tools.cli:main",
+            "geno-preprocess=data_pipeline.cli:main",
         ]
     },
 )

@@ -64,10 +64,14 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    # "synthetic": deterministic synthetic genome; "megatron": .bin/.idx prefixes in `blend`
+    # "synthetic": deterministic synthetic genome; "zarr": geno-preprocess corpus directories in
+    # `blend` (train/valid/test from their manifests); "megatron": .bin/.idx prefixes in `blend`
     source: str = "synthetic"
-    blend: list = field(default_factory=list)  # [weight, prefix, weight, prefix, ...] or [prefix]
-    split: str = "98,1,1"
+    blend: list = field(default_factory=list)  # [weight, path, weight, path, ...] or [path, ...]
+    split: str = "98,1,1"  # document split of synthetic / megatron sources (zarr: the manifest's)
+    reverse_complement_prob: float = 0.0  # reverse-complement a sample with this probability
+    reset_attention_mask: bool = False  # no attention across documents (EOD) within a sample
+    reset_position_ids: bool = False  # positions restart at each document
     seq_length: int = 256
     micro_batch_size: int = 2
     global_batch_size: int = 8
@@ -250,8 +254,11 @@ def validate(cfg: TrainConfig) -> None:
         )
     if cfg.precision not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
-    if d.source not in ("synthetic", "megatron"):
-        raise ConfigError(f"data.source must be synthetic or megatron, got {d.source!r}")
+    if d.source not in ("synthetic", "zarr", "megatron"):
+        raise ConfigError(f"data.source must be synthetic, zarr or megatron, got {d.source!r}")
+    if not 0.0 <= d.reverse_complement_prob <= 1.0:
+        raise ConfigError(f"data.reverse_complement_prob must be in [0, 1], got "
+                          f"{d.reverse_complement_prob}")
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
     if m.moe_token_dispatcher not in ("auto", "alltoall", "allgather"):

@@ -1,10 +1,11 @@
-"""Training data through megatron-core's GPTDataset: Megatron .bin/.idx prefixes and a synthetic genome."""
+"""Training data through megatron-core's GPTDataset: zarr corpora, .bin/.idx prefixes, a synthetic genome."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -20,7 +21,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_geno.config import ConfigError, TrainConfig
-from megatron_geno.tokenizer import EOD
+from megatron_geno.vocab import COMPLEMENT, EOD
 
 log = logging.getLogger(__name__)
 
@@ -118,34 +119,110 @@ def check_prefixes(paths: list[str], split: str) -> None:
                 )
 
 
+ZARR_MARK = "::"  # a zarr dataset path is CORPUS::SPLIT::CONTENT_HASH
+
+
+@dataclass
+class GenoGPTDatasetConfig(GPTDatasetConfig):
+    reverse_complement_prob: float = 0.0
+
+
+class GenoGPTDataset(GPTDataset):
+    """GPTDataset over zarr corpus splits or .bin/.idx prefixes, with reverse-complement augmentation.
+
+    A sample is reverse-complemented with probability `reverse_complement_prob`, decided by a
+    hash of (seed, dataset, sample index): the same on every rank, run and resume.
+    """
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig):
+        if ZARR_MARK in dataset_path:
+            from data_pipeline.corpus import CorpusSplit
+
+            corpus, split, _ = dataset_path.split(ZARR_MARK)
+            return CorpusSplit(corpus, split)
+        return GPTDataset.build_low_level_dataset(dataset_path, config)
+
+    def _query_document_sample_shuffle_indices(self, idx: int):
+        text, document_ids = super()._query_document_sample_shuffle_indices(idx)
+        p = getattr(self.config, "reverse_complement_prob", 0.0)
+        if p and text.min() >= 0 and self._flip(idx) < p:  # padded samples (-1) stay as they are
+            text = COMPLEMENT[text[::-1].astype(np.uint8)].astype(text.dtype)
+        return text, document_ids
+
+    def _flip(self, idx: int) -> float:
+        key = f"{self.config.random_seed}:{self.unique_description_hash}:{idx}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
+
+
+def zarr_blend_per_split(blend: list, needed: list[bool]) -> list:
+    """Returns megatron-core's blend_per_split from [weight, corpus, ...]: the manifests' splits.
+
+    A split that is needed (train always; valid when evaluating) but has no documents in any
+    corpus is a ConfigError naming the corpora.
+    """
+    from data_pipeline.pipeline import PipelineError, read_manifest_json
+
+    paths, weights = parse_blend(blend)
+    per_split = []
+    for split, need in zip(("train", "valid", "test"), needed):
+        chosen, chosen_weights = [], []
+        for i, corpus in enumerate(paths):
+            try:
+                manifest = read_manifest_json(Path(corpus))
+            except PipelineError as err:
+                raise ConfigError(f"data.blend: {err}") from None
+            if manifest["totals"]["split_tokens"][split]:
+                chosen.append(ZARR_MARK.join([str(Path(corpus).resolve()), split,
+                                              manifest["content_hash"]]))
+                if weights:
+                    chosen_weights.append(weights[i])
+        if need and not chosen:
+            hint = ("hold out contigs or samples with geno-preprocess run --holdout-contigs / "
+                    "--holdout-samples, or set schedule.eval_interval=0" if split != "train"
+                    else "every document is held out")
+            raise ConfigError(f"data.blend: no {split} documents in {', '.join(paths)}; {hint}")
+        per_split.append((chosen, chosen_weights or None) if chosen else None)
+    return per_split
+
+
 def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
     """Returns (train, valid, test) datasets sized for the whole run, built by megatron-core."""
     d, s = cfg.data, cfg.schedule
     cache_dir = Path(d.cache_dir) if d.cache_dir else run_dir / "data_cache"
-    if d.source == "synthetic":
-        paths, weights = [synthetic_prefix(cfg, cache_dir)], None
-    else:
-        paths, weights = parse_blend(d.blend)
-        check_prefixes(paths, d.split)
-    config = GPTDatasetConfig(
-        random_seed=s.seed,
-        sequence_length=d.seq_length,
-        blend=(paths, weights),
-        split=d.split,
-        path_to_cache=str(cache_dir / "indices"),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-    )
     eval_runs = s.train_iters // s.eval_interval + 1 if s.eval_interval else 0
     sizes = [
         s.train_iters * d.global_batch_size,
         max(eval_runs * s.eval_iters * d.global_batch_size, 1),
         d.global_batch_size,
     ]
-    return BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    sources: dict = {}
+    if d.source == "zarr":
+        sources["blend_per_split"] = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False])
+        if sources["blend_per_split"][2] is None:
+            sizes[2] = None
+    else:
+        if d.source == "synthetic":
+            paths, weights = [synthetic_prefix(cfg, cache_dir)], None
+        else:
+            paths, weights = parse_blend(d.blend)
+            check_prefixes(paths, d.split)
+        sources.update(blend=(paths, weights), split=d.split)
+    if sources.get("blend_per_split") and sources["blend_per_split"][1] is None:
+        sizes[1] = None
+    config = GenoGPTDatasetConfig(
+        random_seed=s.seed,
+        sequence_length=d.seq_length,
+        path_to_cache=str(cache_dir / "indices"),
+        tokenizer=tokenizer,
+        reset_position_ids=d.reset_position_ids,
+        reset_attention_mask=d.reset_attention_mask,
+        eod_mask_loss=False,
+        create_attention_mask=d.reset_attention_mask,
+        reverse_complement_prob=d.reverse_complement_prob,
+        **sources,
+    )
+    return BlendedMegatronDatasetBuilder(GenoGPTDataset, sizes, lambda: True, config).build()
 
 
 def microbatches(

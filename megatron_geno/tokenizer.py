@@ -1,23 +1,4 @@
-"""The fixed single-nucleotide vocabulary, as a megatron-core tokenizer.
-
-Ids (version 1; never renumber, only append):
-
-====  ==========  ===========================================================
-id    token       meaning
-====  ==========  ===========================================================
-0     <pad>       padding (never in data)
-1     <eod>       end of document (appended to every contig / N-free piece)
-2     <bos>       beginning of sequence (not added by default)
-3     <mask>      mask token for downstream masked objectives
-4     <unk>       a character outside IUPAC (the pipeline rejects these)
-5-9   A C G T N   upper case nucleotides; IUPAC ambiguity codes map to N
-10-14 a c g t n   soft-masked (lower case) nucleotides, used only with
-                  ``soft_mask="keep"``; the default ``"upper"`` folds them
-15-127 <tag_0>..  reserved for species / task tags
-====  ==========  ===========================================================
-
-The vocabulary has exactly 128 entries, so the padded vocabulary is 128 x TP.
-"""
+"""The fixed single-nucleotide vocabulary (megatron_geno.vocab) as a megatron-core tokenizer."""
 
 from __future__ import annotations
 
@@ -27,40 +8,13 @@ import numpy as np
 
 try:
     from megatron.core.tokenizers import MegatronTokenizerBase
-except ImportError:  # the data pipeline can run without megatron-core
+except ImportError:  # pragma: no cover
     MegatronTokenizerBase = object  # type: ignore[assignment,misc]
 
-TOKENIZER_VERSION = 1
-SPECIAL_TOKENS = ["<pad>", "<eod>", "<bos>", "<mask>", "<unk>"]
-NUCLEOTIDES = ["A", "C", "G", "T", "N"]
-NUM_TAGS = 113
-VOCAB: list[str] = (
-    SPECIAL_TOKENS
-    + NUCLEOTIDES
-    + [n.lower() for n in NUCLEOTIDES]
-    + [f"<tag_{i}>" for i in range(NUM_TAGS)]
+from megatron_geno.vocab import (  # noqa: F401 - re-exported
+    BOS, EOD, IUPAC_AMBIGUOUS, MASK, NUCLEOTIDES, NUM_TAGS, PAD, SOFT_MASK_POLICIES, SPECIAL_TOKENS,
+    TOKENIZER_VERSION, UNK, VOCAB, VOCAB_SIZE, DECODE, encoding_table,
 )
-VOCAB_SIZE = len(VOCAB)
-PAD, EOD, BOS, MASK, UNK = range(5)
-# IUPAC ambiguity codes other than N; each becomes N (soft-masked ones become n with "keep").
-IUPAC_AMBIGUOUS = "RYSWKMBDHV"
-SOFT_MASK_POLICIES = ("upper", "keep")
-
-
-def encoding_table(soft_mask: str = "upper") -> np.ndarray:
-    """Returns a 256-entry uint8 table mapping ASCII bytes to token ids (UNK for non-IUPAC)."""
-    if soft_mask not in SOFT_MASK_POLICIES:
-        raise ValueError(f"soft_mask must be one of {SOFT_MASK_POLICIES}, got {soft_mask!r}")
-    table = np.full(256, UNK, dtype=np.uint8)
-    for upper in NUCLEOTIDES + list(IUPAC_AMBIGUOUS):
-        target = upper if upper in NUCLEOTIDES else "N"
-        table[ord(upper)] = VOCAB.index(target)
-        lower_target = target.lower() if soft_mask == "keep" else target
-        table[ord(upper.lower())] = VOCAB.index(lower_target)
-    return table
-
-
-_DECODE = np.array([t if len(t) == 1 else "?" for t in VOCAB])
 
 
 class GenoTokenizer(MegatronTokenizerBase):
@@ -83,7 +37,7 @@ class GenoTokenizer(MegatronTokenizerBase):
         """Returns the nucleotide string of ids; special and tag tokens are skipped."""
         arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
         arr = arr[(arr >= 5) & (arr < 15)]
-        return "".join(_DECODE[arr].tolist())
+        return "".join(DECODE[arr].tolist())
 
     @property
     def vocab(self) -> dict[str, int]:

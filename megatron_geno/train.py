@@ -26,7 +26,8 @@ from megatron_geno.checkpointing import (
 from megatron_geno.config import ConfigError, TrainConfig
 from megatron_geno.data import build_datasets, microbatches
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
-from megatron_geno.model import build_gpt_model, describe, resolve_precision, wrap_ddp
+from megatron_geno.model import (build_gpt_model, describe, resolve_precision,
+                                 use_transformer_engine, wrap_ddp)
 from megatron_geno.presets import flops_per_token
 from megatron_geno.tokenizer import build_tokenizer
 
@@ -67,8 +68,9 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def forward_step(data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["tokens"].to(_device()), batch["position_ids"].to(_device()), None,
-                   labels=batch["labels"].to(_device()))
+    mask = batch.get("attention_mask")  # only with data.reset_attention_mask
+    output = model(batch["tokens"].to(_device()), batch["position_ids"].to(_device()),
+                   None if mask is None else mask.to(_device()), labels=batch["labels"].to(_device()))
     return output, partial(loss_func, batch["loss_mask"].to(_device()))
 
 
@@ -131,6 +133,9 @@ def train(cfg: TrainConfig) -> list[dict]:
         print(f"# {describe(cfg)}", flush=True)
 
     d, s = cfg.data, cfg.schedule
+    if d.reset_attention_mask and use_transformer_engine(cfg.model):
+        raise ConfigError("data.reset_attention_mask needs model.attention_backend=sdpa (the TE "
+                          "spec's fused attention takes no per-document mask)")
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, run_dir)
     dp = parallel_state.get_data_parallel_world_size()
     num_micro = d.global_batch_size // (d.micro_batch_size * dp)

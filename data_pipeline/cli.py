@@ -1,0 +1,178 @@
+"""geno-preprocess: pangenome FASTA assemblies -> a sharded zarr token store that geno-train reads."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """\
+examples:
+  geno-preprocess run --manifest hprc.tsv --out corpus/human --workers 8 \\
+      --holdout-contigs valid='(^|[#_])chr20$' --holdout-samples test=0.02
+  sbatch --array=0-99 --wrap "geno-preprocess run --manifest hprc.tsv --out corpus/human --no-finalize"
+  geno-preprocess finalize corpus/human          # after the array: writes manifest.json
+  geno-preprocess run --out corpus/toy genome1.fa.gz genome2.fna.gz --species 'Pan troglodytes'
+  geno-preprocess stats corpus/human
+  geno-preprocess verify corpus/human --windows 32
+  geno-preprocess export-megatron corpus/human --prefix megatron/human   # human_train.bin/.idx ...
+
+manifest.tsv (tab-separated, header row; md5 and split optional):
+  assembly  sample  haplotype  species       path                     md5  split
+  HG002.1   HG002   1          Homo sapiens  HG002.paternal.fa.gz
+"""
+
+
+def _size(text: str) -> int:
+    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+    t = text.strip().lower().rstrip("b").rstrip("p")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 500M)") from None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="geno-preprocess", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="tokenize assemblies into OUT/shards (resumable)")
+    run.add_argument("fasta", nargs="*", help="FASTA paths (instead of --manifest)")
+    run.add_argument("--manifest", help="TSV: assembly, sample, haplotype, species, path[, md5, split]")
+    run.add_argument("--out", required=True, help="corpus directory")
+    run.add_argument("--species", default="unknown", help="species of FASTA paths given directly")
+    run.add_argument("--workers", type=int, default=1, help="processes, one assembly each (1)")
+    run.add_argument("--task-index", type=int, help="this task's index (default SLURM_ARRAY_TASK_ID)")
+    run.add_argument("--num-tasks", type=int, help="number of tasks (default SLURM_ARRAY_TASK_COUNT)")
+    run.add_argument("--force", action="store_true", help="redo finished assemblies")
+    run.add_argument("--no-finalize", action="store_true",
+                     help="do not write manifest.json (array tasks; run `finalize` at the end)")
+    norm = run.add_argument_group("normalisation (recorded in every shard)")
+    norm.add_argument("--soft-mask", choices=["upper", "keep"], default="upper",
+                      help="upper: fold soft-masked bases to A C G T N (default); keep: a c g t n ids")
+    norm.add_argument("--split-n-run", type=int, default=100,
+                      help="split contigs at runs of at least this many N (100; 0: never)")
+    norm.add_argument("--min-length", type=int, default=64, help="drop shorter pieces (64 bases)")
+    norm.add_argument("--max-n-fraction", type=float, default=0.5,
+                      help="drop pieces with a larger N fraction (0.5)")
+    splits = run.add_argument_group("splits (deterministic; the rest is train)")
+    splits.add_argument("--holdout-contigs", nargs="+", default=[], metavar="SPLIT=REGEX",
+                        help="contigs whose name matches REGEX go to SPLIT (valid/test) in every "
+                        "assembly, e.g. valid='chr20$'")
+    splits.add_argument("--holdout-samples", nargs="+", default=[], metavar="SPLIT=FRACTION",
+                        help="hold out this fraction of samples (both haplotypes), e.g. test=0.02")
+    splits.add_argument("--split-seed", type=int, default=0, help="seed of sample hold-out (0)")
+    layout = run.add_argument_group("shard layout")
+    layout.add_argument("--part-size", type=_size, default=_size("1G"),
+                        help="start a new part after this many tokens (1G)")
+    layout.add_argument("--compression-level", type=int, default=1, help="zstd level (1)")
+    layout.add_argument("--read-chunk", type=_size, default=_size("4M"),
+                        help="decompressed bytes read at a time (4M); bounds memory")
+    fin = sub.add_parser("finalize", help="write manifest.json once every assembly is finished")
+    fin.add_argument("corpus")
+    stats = sub.add_parser("stats", help="per-assembly table: tokens, documents, splits, N, GC")
+    stats.add_argument("corpus")
+    verify = sub.add_parser("verify", help="check random windows bit-exact against the sources")
+    verify.add_argument("corpus")
+    verify.add_argument("--windows", type=int, default=16, help="windows per assembly (16)")
+    verify.add_argument("--window-length", type=int, default=8192, help="bases per window (8192)")
+    verify.add_argument("--seed", type=int, default=0)
+    export = sub.add_parser("export-megatron", help="write PREFIX_<split>.bin/.idx for Megatron-LM")
+    export.add_argument("corpus")
+    export.add_argument("--prefix", required=True, help="output prefix")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from data_pipeline.fasta import FastaError
+    from data_pipeline.manifest import ManifestError
+    from data_pipeline.normalise import PolicyError
+    from data_pipeline.pipeline import PipelineError
+    from data_pipeline.splits import SplitError
+
+    try:
+        return _dispatch(args)
+    except (FastaError, ManifestError, PolicyError, PipelineError, SplitError) as err:
+        print(f"geno-preprocess: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    from data_pipeline.pipeline import finalize
+
+    if args.command == "run":
+        return _run(args)
+    if args.command == "finalize":
+        manifest = finalize(Path(args.corpus))
+        print(f"wrote {args.corpus}/manifest.json: {len(manifest['assemblies'])} assemblies, "
+              f"{manifest['totals']['tokens']:,d} tokens")
+        return 0
+    if args.command == "stats":
+        from data_pipeline.corpus import Corpus, stats_table
+
+        print(stats_table(Corpus(args.corpus)))
+        return 0
+    if args.command == "verify":
+        from data_pipeline.verify import verify_corpus
+
+        result = verify_corpus(args.corpus, args.windows, args.window_length, args.seed)
+        for line in result.mismatches[:20]:
+            print(f"MISMATCH {line}")
+        ok = not result.mismatches
+        print(f"verified {result.windows} windows, {result.bases:,d} bases: "
+              f"{'OK' if ok else f'{len(result.mismatches)} mismatches'}")
+        return 0 if ok else 1
+    from data_pipeline.export import export_megatron
+
+    for split, prefix in export_megatron(args.corpus, args.prefix).items():
+        print(f"{split}: {prefix}.bin / {prefix}.idx")
+    return 0
+
+
+def _run(args) -> int:
+    from data_pipeline.manifest import ManifestError, assemblies_from_paths, read_manifest, task_slice
+    from data_pipeline.normalise import NormalisationPolicy
+    from data_pipeline.pipeline import PipelineConfig, finalize, prepare_out, run
+    from data_pipeline.splits import SplitRules, parse_pairs
+
+    if bool(args.manifest) == bool(args.fasta):
+        raise ManifestError("give either --manifest or FASTA paths")
+    if args.workers < 1:
+        raise ManifestError(f"--workers must be >= 1, got {args.workers}")
+    assemblies = (read_manifest(args.manifest) if args.manifest
+                  else assemblies_from_paths(args.fasta, args.species))
+    config = PipelineConfig(
+        policy=NormalisationPolicy(args.soft_mask, args.split_n_run, args.min_length,
+                                   args.max_n_fraction),
+        rules=SplitRules(parse_pairs(args.holdout_contigs, "--holdout-contigs"),
+                         parse_pairs(args.holdout_samples, "--holdout-samples", float),
+                         args.split_seed),
+        part_tokens=args.part_size, compression_level=args.compression_level)
+    mine = task_slice(assemblies, args.task_index, args.num_tasks)
+    out = Path(args.out)
+    prepare_out(out, config, assemblies, args.force)
+    results = run(mine, out, config, args.workers, args.force, args.read_chunk)
+    failed = [(name, info["message"]) for name, status, info in results if status == "error"]
+    done = {s: sum(1 for _, st, _ in results if st == s) for s in ("written", "skipped")}
+    print(f"{len(mine)} assemblies: {done['written']} written, {done['skipped']} already done, "
+          f"{len(failed)} failed", file=sys.stderr)
+    for name, message in failed:
+        print(f"geno-preprocess: error: {message}", file=sys.stderr)
+    if failed:
+        return 2
+    if args.no_finalize or len(mine) < len(assemblies):
+        print(f"task done; run `geno-preprocess finalize {out}` after every task", file=sys.stderr)
+        return 0
+    manifest = finalize(out)
+    t = manifest["totals"]
+    print(f"wrote {out}/manifest.json: {len(manifest['assemblies'])} assemblies, "
+          f"{t['tokens']:,d} tokens ({t['split_tokens']['train']:,d} train, "
+          f"{t['split_tokens']['valid']:,d} valid, {t['split_tokens']['test']:,d} test)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

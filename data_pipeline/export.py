@@ -1,0 +1,44 @@
+"""geno-preprocess export-megatron: a corpus split as Megatron .bin/.idx, by megatron-core's builder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.corpus import Corpus
+from data_pipeline.shard import SPLITS
+
+
+def export_megatron(corpus_dir: str | Path, prefix: str, show_progress=None) -> dict[str, str]:
+    """Writes PREFIX_<split>.bin/.idx for each non-empty split; returns {split: prefix}.
+
+    Documents keep their EOD token and their manifest order; dtype uint8 (vocabulary < 256).
+    Files are written under temporary names and renamed when whole.
+    """
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    corpus = Corpus(corpus_dir)
+    written = {}
+    for code, split in enumerate(SPLITS):
+        total = corpus.split_tokens(split)
+        if not total:
+            continue
+        out = f"{prefix}_{split}"
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        builder = IndexedDatasetBuilder(out + ".bin.tmp", dtype=np.uint8)
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=f"export {split}",
+                  disable=None if show_progress is None else not show_progress) as bar:
+            for _, part in corpus.parts():
+                for i in np.flatnonzero(part.doc_split == code):
+                    doc = part.document(int(i))
+                    builder.add_document(torch.from_numpy(doc), [len(doc)])
+                    bar.update(len(doc))
+        builder.finalize(out + ".idx.tmp")
+        os.replace(out + ".bin.tmp", out + ".bin")
+        os.replace(out + ".idx.tmp", out + ".idx")
+        written[split] = out
+    return written
