@@ -1,0 +1,75 @@
+"""The token store end to end: kill-and-rerun byte identity, and geno-train on preprocessed corpora."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.functional.launcher import geno_train, geno_train_error, quiet_env
+from tests.genomes import genome, write_fasta
+from tests.unit.test_preprocess import manifest, run_cli, tree_bytes
+
+
+def preprocess_command(m: Path, out: Path) -> list[str]:
+    # 1 KiB reads make each assembly take long enough to be killed in the middle of it
+    return [sys.executable, "-m", "data_pipeline.cli", "run", "--manifest", str(m), "--out",
+            str(out), "--read-chunk", "1K", "--holdout-contigs", "valid=chr20"]
+
+
+def test_killed_run_resumes_to_identical_bytes(tmp_path):
+    rows = []
+    for i in range(3):
+        path = write_fasta(tmp_path / f"g{i}.fa.gz", genome(i, {"chr1": 1_500_000, "chr20": 300_000}),
+                           compression="gzip")
+        rows.append({"assembly": f"g{i}", "sample": f"s{i}", "path": path.name})
+    m = manifest(tmp_path, rows)
+    assert run_cli("run", "--manifest", m, "--out", tmp_path / "straight",
+                   "--holdout-contigs", "valid=chr20") == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(preprocess_command(m, killed), env=quiet_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards, deadline = killed / "shards", time.time() + 120
+    while time.time() < deadline:  # kill once one assembly is done and the next is half written
+        done = [p for p in shards.glob("g*")] if shards.exists() else []
+        partial = list(shards.glob(".*.tmp/part-00000/tokens")) if shards.exists() else []
+        if done and partial:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert list(shards.glob(".*.tmp")), "no half-written assembly at the kill"
+    assert not (killed / "manifest.json").exists()
+
+    rerun = subprocess.run(preprocess_command(m, killed), env=quiet_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "already done" in rerun.stderr and "0 already done" not in rerun.stderr
+    assert tree_bytes(killed) == tree_bytes(tmp_path / "straight")
+
+
+def test_tiny_trains_on_a_blend_of_two_preprocessed_corpora(tmp_path):
+    corpora = []
+    for name, seed in (("human", 1), ("primate", 2)):
+        paths = [write_fasta(tmp_path / f"{name}{h}.fa", genome(seed * 10 + h, {
+            "chr1": 20_000, "chr2": 10_000, "chr20": 4_000})) for h in (1, 2)]
+        assert run_cli("run", *paths, "--out", tmp_path / name, "--holdout-contigs",
+                       "valid=chr20") == 0
+        corpora.append(tmp_path / name)
+    records = geno_train(tmp_path / "run", "data.source=zarr",
+                         f"data.blend=[1, '{corpora[0]}', 1, '{corpora[1]}']",
+                         "data.reverse_complement_prob=0.5", "schedule.train_iters=2",
+                         "schedule.eval_interval=2", nproc=2)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] > 0 for r in records) and "val_loss" in records[-1]
+
+
+def test_unfinished_corpus_is_one_clear_error(tmp_path):
+    path = write_fasta(tmp_path / "a.fa", genome(0, {"chr1": 5000}))
+    assert run_cli("run", path, "--out", tmp_path / "c", "--no-finalize") == 0
+    code, err = geno_train_error(tmp_path / "run", "data.source=zarr",
+                                 f"data.blend=['{tmp_path / 'c'}']")
+    assert code == 2 and "manifest.json does not exist" in err
