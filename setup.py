@@ -23,6 +23,7 @@ setup(
         "einops",
         "zarr>=3.0,<4",
         "numcodecs",
+        "google-crc32c",  # shard index checksums (zarr uses the same package)
         "isal",  # fast gzip/bgzip decompression in data_pipeline
     ],
     extras_require={

@@ -145,11 +145,10 @@ def read_fasta(path: Union[str, Path], chunk_size: int = CHUNK_SIZE,
                 yield Header(fields[0] if fields else "", header_offset)
                 in_header, p = False, nl + 1
                 continue
-            if chunk[p:p + 1] == b">" and (chunk[p - 1:p] == b"\n" if p else at_line_start):
-                q = p
-            else:
-                q = chunk.find(b"\n>", p)
-                q = -1 if q < 0 else q + 1
+            # '>' is rare, so a memchr-speed find of it beats searching for "\n>"
+            q = chunk.find(b">", p)
+            while q >= 0 and not (chunk[q - 1:q] == b"\n" if q else at_line_start):
+                q = chunk.find(b">", q + 1)
             end = n if q < 0 else q
             if end > p:
                 if not seen_header and chunk[p:end].strip():

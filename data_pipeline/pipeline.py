@@ -25,7 +25,7 @@ from data_pipeline.fasta import open_source, read_fasta
 from data_pipeline.manifest import Assembly
 from data_pipeline.normalise import (ContigNormaliser, ContigStats, InvalidCharacter,
                                      NormalisationPolicy)
-from data_pipeline.shard import (CHUNK_TOKENS, FORMAT_VERSION, SHARD_TOKENS, SPLITS,
+from data_pipeline.shard import (CHUNK_TOKENS, CODECS, FORMAT_VERSION, SHARD_TOKENS, SPLITS,
                                  AssemblyWriter, read_attrs)
 from data_pipeline.splits import SplitRules
 from megatron_geno.vocab import TOKENIZER_VERSION, VOCAB
@@ -47,8 +47,11 @@ class PipelineConfig:
     chunk_tokens: int = CHUNK_TOKENS
     shard_tokens: int = SHARD_TOKENS
     compression_level: int = 1
+    codec: str = "zstd"
 
     def __post_init__(self):
+        if self.codec not in CODECS:
+            raise PipelineError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.chunk_tokens < 1 or self.shard_tokens % self.chunk_tokens:
             raise PipelineError(f"shard size {self.shard_tokens} must be a multiple of the chunk "
                                 f"size {self.chunk_tokens}")
@@ -59,7 +62,8 @@ class PipelineConfig:
         return {"format_version": FORMAT_VERSION, "tokenizer_version": TOKENIZER_VERSION,
                 "policy": self.policy.to_dict(), "rules": self.rules.to_dict(),
                 "part_tokens": self.part_tokens, "chunk_tokens": self.chunk_tokens,
-                "shard_tokens": self.shard_tokens, "compression_level": self.compression_level}
+                "shard_tokens": self.shard_tokens, "compression_level": self.compression_level,
+                "codec": self.codec}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
@@ -67,7 +71,8 @@ class PipelineConfig:
         return cls(NormalisationPolicy(**d["policy"]),
                    SplitRules(tuple(map(tuple, rules["contig_patterns"])),
                               tuple(map(tuple, rules["sample_fractions"])), rules["seed"]),
-                   d["part_tokens"], d["chunk_tokens"], d["shard_tokens"], d["compression_level"])
+                   d["part_tokens"], d["chunk_tokens"], d["shard_tokens"], d["compression_level"],
+                   d["codec"])
 
     def hash(self) -> str:
         return _sha(self.to_dict())
@@ -121,7 +126,7 @@ def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, forc
     path = Path(assembly.path)
     policy, rules = config.policy, config.rules
     writer = AssemblyWriter(tmp, config.part_tokens, config.chunk_tokens, config.shard_tokens,
-                            config.compression_level)
+                            config.compression_level, config.codec)
     whole_split = rules.assembly_split(assembly)
     contigs: list[str] = []
     lengths: list[int] = []

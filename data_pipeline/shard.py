@@ -3,9 +3,10 @@
 An assembly is one zarr group (directory ``shards/<assembly>``) with attributes and parts
 ``part-00000``, ``part-00001``, ... Each part is a zarr group holding:
 
-- ``tokens``      uint8 [n]: documents back to back, each followed by EOD; zstd-compressed
-                  inner chunks (64 Ki tokens) inside shard files (64 Mi tokens), so a random
-                  window costs one small read and one small decompression.
+- ``tokens``      uint8 [n]: documents back to back, each followed by EOD; compressed inner
+                  chunks (64 Ki tokens; zstd, or blosc-zstd with bit shuffling) inside shard
+                  files (64 Mi tokens), so a random window costs one small read and one small
+                  decompression.
 - ``doc_offsets`` int64 [d + 1]: document i is tokens[doc_offsets[i]:doc_offsets[i + 1]] (EOD last).
 - ``doc_contig``  int32 [d]: index into the assembly's ``contigs`` attribute.
 - ``doc_source_start`` int64 [d]: 0-based position of the document's first base in its contig.
@@ -20,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
@@ -32,19 +34,58 @@ SPLITS = ("train", "valid", "test")
 CHUNK_TOKENS = 1 << 16
 SHARD_TOKENS = 1 << 26
 _EMPTY = np.uint64(2**64 - 1)
+# --codec: (numcodecs codec that encodes inner chunks, the same codec in zarr's metadata).
+# zstd: smallest (~0.3 bytes/base); blosc: bit-shuffled zstd, ~2x faster to write, ~0.47 bytes/base
+CODECS = {
+    "zstd": (lambda level: numcodecs.Zstd(level=level),
+             lambda level: zarr.codecs.ZstdCodec(level=level)),
+    "blosc": (lambda level: numcodecs.Blosc(cname="zstd", clevel=level,
+                                            shuffle=numcodecs.Blosc.BITSHUFFLE),
+              lambda level: zarr.codecs.BloscCodec(cname="zstd", clevel=level,
+                                                   shuffle="bitshuffle", typesize=1)),
+}
+_DECODERS = {"zstd": numcodecs.Zstd, "blosc": numcodecs.Blosc}
+
+
+def encode_shard(data: np.ndarray, chunk_tokens: int, per_shard: int, codec) -> bytes:
+    """Returns one shard file in zarr v3's sharding_indexed format (inner codecs bytes + codec,
+    index [offset, nbytes] uint64 little-endian at the end, then its crc32c)."""
+    index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
+    pieces, offset = [], 0
+    for k in range(-(-len(data) // chunk_tokens)):
+        piece = data[k * chunk_tokens:(k + 1) * chunk_tokens]
+        if len(piece) < chunk_tokens:  # zarr stores whole inner chunks, padded with the fill value
+            piece = np.concatenate([piece, np.zeros(chunk_tokens - len(piece), dtype=np.uint8)])
+        encoded = codec.encode(np.ascontiguousarray(piece))
+        index[k] = (offset, len(encoded))
+        offset += len(encoded)
+        pieces.append(encoded)
+    raw_index = index.tobytes()
+    return b"".join(pieces) + raw_index + np.uint32(google_crc32c.value(raw_index)).astype("<u4").tobytes()
 
 
 class PartWriter:
-    """Appends tokens to one part group in shard-aligned writes; can roll back to an earlier length."""
+    """Appends tokens to one part group a shard file at a time; can roll back to an earlier length.
 
-    def __init__(self, path: Path, chunk_tokens: int, shard_tokens: int, level: int):
+    zarr creates the group and the array metadata; shard files are encoded here, in zarr's own
+    sharding format, because zarr-python's per-chunk async overhead made writing 5x slower than
+    compressing. zarr reads the result like any array it wrote (tests/unit/test_preprocess.py).
+    """
+
+    def __init__(self, path: Path, chunk_tokens: int, shard_tokens: int, level: int,
+                 codec: str = "zstd"):
         self.path = path
         self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
         self.chunk_tokens, self.shard_tokens, self.level = chunk_tokens, shard_tokens, level
-        self.tokens: Optional[zarr.Array] = None
+        self.tokens = self.group.create_array(
+            "tokens", shape=(0,), dtype="uint8", chunks=(chunk_tokens,), shards=(shard_tokens,),
+            fill_value=0, compressors=CODECS[codec][1](level))
+        self.shard_dir = path / "tokens" / "c"
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        self.codec, self.codec_name = CODECS[codec][0](level), codec
         self.buffer = np.empty(shard_tokens, dtype=np.uint8)
         self.fill = 0  # tokens in buffer, not yet written
-        self.flushed = 0  # tokens written to the array (a multiple of shard_tokens until close)
+        self.flushed = 0  # tokens in shard files (a multiple of shard_tokens until close)
         self.doc_offsets = [0]
         self.doc_contig: list[int] = []
         self.doc_source_start: list[int] = []
@@ -70,29 +111,28 @@ class PartWriter:
             self.fill = length - self.flushed
             return
         aligned = length - length % self.shard_tokens
-        self.buffer[:length - aligned] = self.tokens[aligned:length]
+        first = aligned // self.shard_tokens
+        reader = TokenReader.for_layout(self.path / "tokens", self.flushed, self.shard_tokens,
+                                        self.chunk_tokens, self.codec_name)
+        self.buffer[:length - aligned] = reader.read(aligned, length)
+        reader.close()
+        for s in range(first, self.flushed // self.shard_tokens):
+            (self.shard_dir / str(s)).unlink()
         self.fill, self.flushed = length - aligned, aligned
-        self.tokens.resize((aligned,))
 
     def _flush(self) -> None:
         if not self.fill:
             return
-        end = self.flushed + self.fill
-        if self.tokens is None:
-            self.tokens = self.group.create_array(
-                "tokens", shape=(end,), dtype="uint8", chunks=(self.chunk_tokens,),
-                shards=(self.shard_tokens,), fill_value=0,
-                compressors=zarr.codecs.ZstdCodec(level=self.level))
-        else:
-            self.tokens.resize((end,))
-        self.tokens[self.flushed:end] = self.buffer[:self.fill]
-        self.flushed, self.fill = end, 0
+        shard = self.flushed // self.shard_tokens
+        data = encode_shard(self.buffer[:self.fill], self.chunk_tokens,
+                            self.shard_tokens // self.chunk_tokens, self.codec)
+        (self.shard_dir / str(shard)).write_bytes(data)
+        self.flushed, self.fill = self.flushed + self.fill, 0
 
     def close(self) -> dict:
         """Writes the remaining tokens and the document arrays; returns the part's summary."""
         self._flush()
-        if self.tokens is None:  # only possible for a part whose documents were all discarded
-            raise AssertionError("closing an empty part")
+        self.tokens.resize((self.length,))  # metadata only: growing from 0 deletes no shard
         arrays = {
             "doc_offsets": np.asarray(self.doc_offsets, dtype=np.int64),
             "doc_contig": np.asarray(self.doc_contig, dtype=np.int32),
@@ -122,8 +162,9 @@ class AssemblyWriter:
     """
 
     def __init__(self, path: Path, part_tokens: int, chunk_tokens: int = CHUNK_TOKENS,
-                 shard_tokens: int = SHARD_TOKENS, level: int = 1):
+                 shard_tokens: int = SHARD_TOKENS, level: int = 1, codec: str = "zstd"):
         self.path = path
+        self.codec = codec
         self.root = zarr.open_group(str(path), mode="w", zarr_format=3)
         self.part_tokens, self.chunk_tokens = part_tokens, chunk_tokens
         self.shard_tokens, self.level = shard_tokens, level
@@ -140,7 +181,7 @@ class AssemblyWriter:
             self._close_part()
         if self.part is None:
             self.part = PartWriter(self.path / f"part-{len(self.parts):05d}", self.chunk_tokens,
-                                   self.shard_tokens, self.level)
+                                   self.shard_tokens, self.level, self.codec)
         self.doc_start = self.part.length
         self.part.doc_contig.append(self.contig)
         self.part.doc_source_start.append(source_start)
@@ -174,20 +215,21 @@ class AssemblyWriter:
         return self.parts
 
 
-def _fast_layout(meta: dict) -> Optional[tuple[int, int, int]]:
-    """Returns (shard, chunk, fill) when `meta` is the layout PartWriter writes, else None."""
+def _fast_layout(meta: dict) -> Optional[tuple[int, int, int, str]]:
+    """Returns (shard, chunk, fill, codec) when `meta` is a layout PartWriter writes, else None."""
     try:
         (codec,) = meta["codecs"]
         conf = codec["configuration"]
         inner = [c["name"] for c in conf["codecs"]]
         index = [c["name"] for c in conf["index_codecs"]]
-        if (codec["name"] != "sharding_indexed" or inner != ["bytes", "zstd"]
+        if (codec["name"] != "sharding_indexed" or inner[:1] != ["bytes"] or len(inner) != 2
+                or inner[1] not in _DECODERS
                 or index != ["bytes", "crc32c"] or conf["index_location"] != "end"
                 or meta["data_type"] != "uint8"
                 or meta["chunk_key_encoding"]["configuration"]["separator"] != "/"):
             return None
         return (meta["chunk_grid"]["configuration"]["chunk_shape"][0], conf["chunk_shape"][0],
-                int(meta["fill_value"]))
+                int(meta["fill_value"]), inner[1])
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -196,19 +238,32 @@ class TokenReader:
     """Reads token ranges of a part: direct shard-index reads for our layout, zarr otherwise.
 
     zarr-python spends ~1 ms per small read on its async machinery; a random 8K window here is one
-    pread of a ~20 KB compressed chunk and one zstd decode.
+    pread of a ~20 KB compressed chunk and one decode.
     """
 
-    def __init__(self, array_dir: Path):
+    def __init__(self, array_dir: Path, meta: Optional[dict] = None):
         self.dir = array_dir
-        meta = json.loads((array_dir / "zarr.json").read_text())
+        meta = meta or json.loads((array_dir / "zarr.json").read_text())
         self.size = int(meta["shape"][0])
         self.layout = _fast_layout(meta)
         self._array = None if self.layout else zarr.open_array(str(array_dir), mode="r")
         self._indices: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
-        self._zstd = numcodecs.Zstd()
+        self._decoder = _DECODERS[self.layout[3]]() if self.layout else None
         self._cached = (-1, None)
+
+    @classmethod
+    def for_layout(cls, array_dir: Path, size: int, shard_tokens: int, chunk_tokens: int,
+                   codec: str):
+        """A reader of shard files PartWriter is still writing (metadata not final yet)."""
+        meta = {"shape": [size], "data_type": "uint8", "fill_value": 0,
+                "chunk_grid": {"configuration": {"chunk_shape": [shard_tokens]}},
+                "chunk_key_encoding": {"configuration": {"separator": "/"}},
+                "codecs": [{"name": "sharding_indexed", "configuration": {
+                    "chunk_shape": [chunk_tokens], "codecs": [{"name": "bytes"}, {"name": codec}],
+                    "index_codecs": [{"name": "bytes"}, {"name": "crc32c"}],
+                    "index_location": "end"}}]}
+        return cls(array_dir, meta)
 
     def __len__(self) -> int:
         return self.size
@@ -219,7 +274,7 @@ class TokenReader:
             raise IndexError(f"{self.dir}: range [{start}, {stop}) outside [0, {self.size})")
         if self._array is not None:
             return self._array[start:stop]
-        shard, chunk, _ = self.layout
+        shard, chunk = self.layout[:2]
         first, last = start // chunk, (stop - 1) // chunk
         if stop == start:
             return np.empty(0, dtype=np.uint8)
@@ -253,7 +308,7 @@ class TokenReader:
         if offset == _EMPTY:
             data = np.full(min(chunk, self.size - c * chunk), self.layout[2], dtype=np.uint8)
         else:
-            data = np.frombuffer(self._zstd.decode(os.pread(fd, int(nbytes), int(offset))),
+            data = np.frombuffer(self._decoder.decode(os.pread(fd, int(nbytes), int(offset))),
                                  dtype=np.uint8)
         self._cached = (c, data)
         return data

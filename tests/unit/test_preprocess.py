@@ -18,7 +18,7 @@ from data_pipeline.normalise import NormalisationPolicy
 from data_pipeline.pipeline import PipelineConfig, prepare_out, process_assembly
 from data_pipeline.shard import TokenReader
 from data_pipeline.splits import SplitRules
-from megatron_geno.vocab import EOD, VOCAB
+from megatron_geno.vocab import EOD, VOCAB, encoding_table
 from tests.genomes import fasta_bytes, genome, random_bases, write_fasta
 from tests.unit.test_normalise import normalise
 
@@ -75,18 +75,22 @@ def test_shards_round_trip_across_parts_and_rollbacks(tmp_path):
     assert attrs["stats"]["dropped_pieces"] >= 2  # the 10-base piece and chrM
 
 
-def test_fast_reader_matches_zarr(tmp_path):
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_zarr_reads_our_shards_like_the_fast_reader(tmp_path, codec):
     import zarr
 
     records = {"c": random_bases(np.random.default_rng(1), 300_000)}
     path = write_fasta(tmp_path / "g.fa", records)
-    config = PipelineConfig(chunk_tokens=4096, shard_tokens=65536)
+    config = PipelineConfig(chunk_tokens=4096, shard_tokens=65536, codec=codec)
     asm = Assembly("g", "g", "", "", str(path))
     prepare_out(tmp_path / "o", config, [asm], False)
     process_assembly(asm, tmp_path / "o", config)
     tokens = tmp_path / "o/shards/g/part-00000/tokens"
     fast, slow = TokenReader(tokens), zarr.open_array(str(tokens), mode="r")
-    assert fast.layout is not None
+    assert fast.layout is not None and fast.layout[3] == codec
+    np.testing.assert_array_equal(slow[:], fast.read(0, len(fast)))
+    expected = encoding_table("upper")[np.frombuffer(records["c"], dtype=np.uint8)]
+    np.testing.assert_array_equal(slow[:], np.append(expected, EOD))
     rng = np.random.default_rng(2)
     for _ in range(200):
         a = int(rng.integers(0, len(fast)))
