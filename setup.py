@@ -11,7 +11,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_geno*", "checkpoint_tools*", "data_pipeline*"]),
+    packages=find_packages(include=["megatron_geno*", "checkpoint_tools*", "data_pipeline*", "launch*"]),
+    package_data={"launch": ["recipes/*.yaml", "torchrun.sh", "slurm/*.sbatch"]},
     install_requires=[
         "torch>=2.4",
         MEGATRON_CORE,
@@ -38,6 +39,7 @@ setup(
             "geno-train=megatron_geno.cli:main",
             "geno-convert=checkpoint_tools.cli:main",
             "geno-preprocess=data_pipeline.cli:main",
+            "geno-launch=launch.cli:main",
         ]
     },
 )

@@ -62,6 +62,24 @@ def latest_iteration(directory: str | Path) -> Optional[int]:
     return int(text)
 
 
+def resume_target(cfg: TrainConfig) -> TrainConfig:
+    """Returns cfg set to resume from checkpoint.save when that already holds a checkpoint.
+
+    With checkpoint.auto_resume (default), a restarted or requeued run continues itself (model,
+    optimizer, schedule, data position) instead of starting again from checkpoint.load, which for
+    a later phase is the previous phase's checkpoint, read weights-only.
+    """
+    c = cfg.checkpoint
+    if not (c.auto_resume and c.save) or latest_iteration(c.save) is None:
+        return cfg
+    if c.load and Path(c.load).resolve() == Path(c.save).resolve() and not c.weights_only:
+        return cfg
+    log.info("resuming from %s (iteration %d); checkpoint.load=%s is not used", c.save,
+             latest_iteration(c.save), c.load)
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=c.save,
+                                                                   weights_only=False))
+
+
 def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) -> Path:
     """Returns the torch_dist directory for a save dir (+ iteration) or an iter_N dir itself."""
     path = Path(path)

@@ -110,6 +110,9 @@ class CheckpointConfig:
     load: Optional[str] = None
     weights_only: bool = False  # load model weights only: fresh optimizer, schedule and data position
     save_on_signal: bool = True
+    # resume from `save` when it already holds a checkpoint (a restart or SLURM requeue), in place
+    # of `load`: a later phase keeps load=<previous phase> + weights_only and still resumes itself
+    auto_resume: bool = True
 
 
 @dataclass
@@ -214,6 +217,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             raise ConfigError(f"config {path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
+        tree.pop("launch", None)  # a recipe's launch section is geno-launch's (launch/recipe.py)
     for text in overrides or []:
         _set_nested(tree, *parse_override(text))
 

@@ -20,6 +20,7 @@ from megatron_geno import distributed
 from megatron_geno.checkpointing import (
     TrainState,
     adopt_checkpoint_vocab,
+    resume_target,
     load_checkpoint,
     save_checkpoint,
 )
@@ -110,6 +111,11 @@ class StopSignal:
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Trains per cfg and returns the logged records (also written to RUN_DIR/metrics.jsonl)."""
+    if cfg.parallel.context_parallel > 1 and not use_transformer_engine(cfg.model):
+        raise ConfigError(f"parallel.context_parallel={cfg.parallel.context_parallel} needs "
+                          "Transformer Engine's attention (CUDA + transformer-engine: the docker "
+                          "image or the [gpu] extra); set parallel.context_parallel=1 otherwise")
+    cfg = resume_target(cfg)
     distributed.initialize(cfg.parallel, cfg.schedule.seed)
     rank0 = distributed.rank() == 0
     run_dir = Path(cfg.logging.run_dir)

@@ -1,0 +1,116 @@
+"""geno-launch: validate a recipe's layout for N nodes x G GPUs, print the plan, start it.
+
+The recipe (launch/recipes/*.yaml or a path) is a geno-train config plus a `launch` section.
+Before anything starts, the layout is checked against the world size and the model; the derived
+numbers are printed; the resolved config is written to RUN_DIR/launch/<recipe>.yaml; then
+torchrun (one node) or sbatch (SLURM) runs it. --dry-run stops after printing the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+EPILOG = """\
+examples:
+  geno-launch --recipe genos-1.2b-8k --nodes 16 --gpus-per-node 8 --dry-run
+  geno-launch --recipe genos-10b-32k --nodes 32 --gpus-per-node 8 --slurm --time 48:00:00 \\
+      --account bio "data.blend=[1, /lustre/corpora/human]"
+  geno-launch --recipe my-recipe.yaml --nodes 1 --gpus-per-node 8 --torchrun
+  geno-launch --list
+
+Phases run in order; each later recipe names the previous one's checkpoint in checkpoint.load
+with checkpoint.weights_only (fresh optimizer and schedule). A restarted or requeued phase resumes
+from its own latest checkpoint (checkpoint.auto_resume).
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="geno-launch", description=__doc__, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", help="recipe name (see --list) or YAML path")
+    parser.add_argument("--list", action="store_true", help="list the bundled recipes")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--torchrun", action="store_true", help="run on this node (default)")
+    mode.add_argument("--slurm", action="store_true", help="submit launch/slurm/geno.sbatch")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print, do not start")
+    parser.add_argument("--time", help="SLURM time limit (sbatch --time)")
+    parser.add_argument("--partition", help="SLURM partition")
+    parser.add_argument("--account", help="SLURM account")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="geno-train config overrides, applied after the recipe")
+    return parser.parse_intermixed_args(argv)
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as absent
+        return False
+    return True
+
+
+def commands(args, config: Path, recipe: str) -> list[str]:
+    """Returns the command that starts the run (torchrun script or sbatch)."""
+    if args.slurm:
+        cmd = ["sbatch", f"--nodes={args.nodes}", f"--gpus-per-node={args.gpus_per_node}",
+               f"--job-name={recipe}", f"--output={config.parent}/slurm-%j.out"]
+        for flag in ("time", "partition", "account"):
+            if getattr(args, flag):
+                cmd.append(f"--{flag}={getattr(args, flag)}")
+        return cmd + [str(HERE / "slurm" / "geno.sbatch"), str(config)]
+    return ["env", f"GPUS_PER_NODE={args.gpus_per_node}", "bash", str(HERE / "torchrun.sh"),
+            str(config)]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megatron_geno.cli import quiet_megatron_import_warnings
+
+    quiet_megatron_import_warnings()
+    from launch.plan import LayoutError, format_plan, plan
+    from launch.recipe import RECIPE_DIR, load_recipe
+    from megatron_geno.config import ConfigError
+
+    if args.list:
+        for path in sorted(RECIPE_DIR.glob("*.yaml")):
+            print(path.stem)
+        return 0
+    try:
+        if not args.recipe:
+            raise ConfigError("--recipe is required (see --list)")
+        if args.nodes < 1 or args.gpus_per_node < 1:
+            raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        if args.nodes > 1 and not args.slurm and not args.dry_run:
+            raise ConfigError(f"--nodes {args.nodes} needs --slurm (torchrun.sh runs one node)")
+        cfg, launch, path = load_recipe(args.recipe, args.overrides)
+        world = args.nodes * args.gpus_per_node
+        # sbatch jobs run in the GPU image, which has Transformer Engine
+        result = plan(cfg, world, have_transformer_engine() or args.slurm, launch.token_budget)
+    except (ConfigError, LayoutError) as err:
+        print(f"geno-launch: error: {err}", file=sys.stderr)
+        return 2
+    print(f"recipe     {launch.name} (phase {launch.phase}"
+          + (f", starts from {launch.previous}: weights only" if launch.previous else "") + ")")
+    print(format_plan(cfg, result, launch.token_budget))
+    config = Path(cfg.logging.run_dir) / "launch" / f"{launch.name}.yaml"
+    cmd = commands(args, config, launch.name)
+    print(f"config     {config}")
+    print(f"command    {shlex.join(cmd)}")
+    if args.dry_run:
+        return 0
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(cfg.to_yaml())
+    return subprocess.call(cmd, env=dict(os.environ))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Layout validation and the numbers a launch prints before any GPU is touched."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from megatron_geno.config import TrainConfig
+from megatron_geno.presets import count_parameters, resolve_padded_vocab
+from megatron_geno.vocab import VOCAB_SIZE
+
+GIB = 1 << 30
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot run; the message names the numbers at fault."""
+
+
+@dataclass
+class Plan:
+    world_size: int
+    data_parallel: int
+    expert_data_parallel: int
+    microbatches: int  # per step, per data-parallel rank
+    tokens_per_step: int
+    steps: int | None  # for the token budget
+    memory: dict[str, float]  # bytes per GPU (estimate), by part
+
+
+def validate_layout(cfg: TrainConfig, world_size: int, have_te: bool) -> tuple[int, int]:
+    """Raises LayoutError for a layout that cannot run; returns (DP, expert DP).
+
+    Rules: world size divisible by TP x PP x CP (the rest is DP); EP x expert-TP divides TP x CP x DP
+    and experts divide by EP; heads and query groups divisible by TP; layers divisible by PP;
+    sequence length divisible by 2 x CP (x TP with sequence parallelism); global batch divisible
+    by micro batch x DP; context parallelism needs Transformer Engine.
+    """
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
+                           p.expert_parallel, p.expert_tp())
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise LayoutError(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} "
+                          f"x {cp} = {model_parallel}")
+    dp = world_size // model_parallel
+    if (tp * cp * dp) % (ep * etp):
+        raise LayoutError(f"EP x expert-TP = {ep} x {etp} = {ep * etp} does not divide TP x CP x DP "
+                          f"= {tp} x {cp} x {dp} = {tp * cp * dp} (the ranks of one pipeline stage)")
+    if m.num_experts % ep:
+        raise LayoutError(f"{m.num_experts} experts are not divisible by EP = {ep}")
+    if m.num_attention_heads % tp or m.num_query_groups % tp:
+        raise LayoutError(f"{m.num_attention_heads} attention heads and {m.num_query_groups} query "
+                          f"groups must both be divisible by TP = {tp}")
+    if m.num_layers % pp:
+        raise LayoutError(f"{m.num_layers} layers are not divisible by PP = {pp}")
+    sp = p.sequence_parallel and tp > 1
+    seq_multiple = (2 * cp if cp > 1 else 1) * (tp if sp else 1)
+    if d.seq_length % seq_multiple:
+        what = " x ".join(filter(None, [f"2 x CP ({2 * cp})" if cp > 1 else "",
+                                        f"TP ({tp}, sequence parallelism)" if sp else ""]))
+        raise LayoutError(f"sequence length {d.seq_length} is not divisible by {what} = "
+                          f"{seq_multiple}")
+    if d.global_batch_size % (d.micro_batch_size * dp):
+        raise LayoutError(f"global batch {d.global_batch_size} is not divisible by micro batch x DP "
+                          f"= {d.micro_batch_size} x {dp} = {d.micro_batch_size * dp}")
+    if cp > 1 and (m.attention_backend == "sdpa" or not have_te):
+        reason = ("model.attention_backend=sdpa" if m.attention_backend == "sdpa"
+                  else "transformer_engine does not import here")
+        raise LayoutError(f"CP = {cp} needs Transformer Engine's attention, but {reason}; use the "
+                          f"docker image or set parallel.context_parallel=1")
+    return dp, tp * cp * dp // (ep * etp)
+
+
+def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
+    """Returns an estimate of bytes per GPU on the busiest (first) pipeline stage, by part.
+
+    Parameters bf16 (2 B), gradients fp32 (4 B, megatron-core DDP buffers), optimizer fp32 master
+    + Adam moments (12 B) divided over DP (distributed optimizer; expert parameters over the
+    expert-DP group). Activations per layer, bf16 with flash attention (no s^2 term), without
+    recomputation: attention and norms ~15 x s x b x h, experts 2 x top-k x (h + 3 x ffn) x s x b,
+    divided by TP x CP; the first stage holds PP micro-batches in flight under 1F1B.
+    """
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
+                           p.expert_parallel, p.expert_tp())
+    vocab = resolve_padded_vocab(m, VOCAB_SIZE, tp)
+    counts = count_parameters(m, vocab)
+    expert_params = m.num_layers * m.num_experts * counts["per_expert"]
+    dense_params = counts["total"] - expert_params
+    # the first stage holds the embedding; the output layer sits on the last (same size)
+    layer_dense = (dense_params - counts["embeddings"]) / m.num_layers
+    dense_here = (layer_dense * m.num_layers / pp + counts["embeddings"] / 2) / tp
+    experts_here = expert_params / pp / (ep * etp)
+    params = dense_here + experts_here
+    optimizer_shards = dense_here / (dp if p.distributed_optimizer else 1) + experts_here / (
+        expert_dp if p.distributed_optimizer else 1)
+    s, b, h = d.seq_length, d.micro_batch_size, m.hidden_size
+    per_layer = (15 * s * b * h + 2 * m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size) * s * b)
+    in_flight = min(pp, max(1, d.global_batch_size // (d.micro_batch_size * dp)))
+    activations = per_layer / (tp * cp) * (m.num_layers / pp) * in_flight
+    logits = 4 * s * b * vocab / (tp * cp) if pp == 1 else 0.0  # fp32 logits for the loss
+    return {"parameters (bf16)": 2 * params, "gradients (fp32)": 4 * params,
+            "optimizer (fp32 master + Adam, sharded)": 12 * optimizer_shards,
+            "activations (estimate)": activations + logits}
+
+
+def plan(cfg: TrainConfig, world_size: int, have_te: bool, token_budget: float | None) -> Plan:
+    dp, expert_dp = validate_layout(cfg, world_size, have_te)
+    d = cfg.data
+    tokens = d.global_batch_size * d.seq_length
+    steps = math.ceil(token_budget / tokens) if token_budget else None
+    return Plan(world_size, dp, expert_dp, d.global_batch_size // (d.micro_batch_size * dp),
+                tokens, steps, memory_per_gpu(cfg, dp, expert_dp))
+
+
+def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> str:
+    p = cfg.parallel
+    lines = [
+        f"layout     TP {p.tensor_parallel} x PP {p.pipeline_parallel} x CP {p.context_parallel} x "
+        f"DP {result.data_parallel} = {result.world_size} GPUs; EP {p.expert_parallel} x expert-TP "
+        f"{p.expert_tp()} x expert-DP {result.expert_data_parallel}; sequence parallel "
+        f"{'on' if p.sequence_parallel and p.tensor_parallel > 1 else 'off'}, distributed optimizer "
+        f"{'on' if p.distributed_optimizer else 'off'}",
+        f"batch      {cfg.data.global_batch_size} sequences x {cfg.data.seq_length:,d} tokens = "
+        f"{result.tokens_per_step:,d} tokens/step; micro batch {cfg.data.micro_batch_size}, "
+        f"{result.microbatches} micro-batches per step per DP rank",
+    ]
+    if result.steps is not None:
+        lines.append(f"budget     {token_budget:,.0f} tokens = {result.steps:,d} steps "
+                     f"(warmup {cfg.schedule.warmup_iters:,d})")
+    total = sum(result.memory.values())
+    lines.append(f"memory     ~{total / GIB:.1f} GiB per GPU (first pipeline stage, estimate):")
+    lines += [f"             {v / GIB:8.2f} GiB  {k}" for k, v in result.memory.items()]
+    return "\n".join(lines)

@@ -1,0 +1,114 @@
+"""geno-launch: every layout rule rejects a bad layout naming the numbers; the recipes pass."""
+
+import dataclasses
+
+import pytest
+
+from launch.cli import main
+from launch.plan import LayoutError, memory_per_gpu, plan, validate_layout
+from launch.recipe import RECIPE_DIR, load_recipe
+from megatron_geno.config import load_config
+
+
+BASE = ["model.preset=genos-1.2b", "data.seq_length=8192", "data.micro_batch_size=1",
+        "data.global_batch_size=1024"]
+
+
+def layout(overrides: list[str]):
+    """A genos-1.2b config with overrides applied without load_config's own checks, so each
+    layout rule is reached by validate_layout itself."""
+    c = load_config(None, BASE)
+    for text in overrides:
+        key, value = text.split("=")
+        section, field = key.split(".")
+        value = int(value) if value.isdigit() else value
+        setattr(c, section, dataclasses.replace(getattr(c, section), **{field: value}))
+    return c
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], 6,
+     "world size 6 is not divisible by TP x PP x CP = 2 x 2 x 1 = 4"),
+    (["parallel.expert_parallel=8", "parallel.tensor_parallel=2"], 8,
+     "EP x expert-TP = 8 x 2 = 16 does not divide TP x CP x DP = 2 x 1 x 4 = 8"),
+    (["parallel.expert_parallel=16"], 16, "8 experts are not divisible by EP = 16"),
+    (["parallel.tensor_parallel=16"], 16,
+     "16 attention heads and 8 query groups must both be divisible by TP = 16"),
+    (["parallel.pipeline_parallel=5"], 5, "12 layers are not divisible by PP = 5"),
+    (["parallel.context_parallel=4", "data.seq_length=8196"], 8,
+     "sequence length 8196 is not divisible by 2 x CP (8) = 8"),
+    (["parallel.tensor_parallel=2", "parallel.context_parallel=2", "data.seq_length=8196"], 8,
+     "sequence length 8196 is not divisible by 2 x CP (4) x TP (2, sequence parallelism) = 8"),
+    (["data.global_batch_size=1000"], 16,
+     "global batch 1000 is not divisible by micro batch x DP = 1 x 16 = 16"),
+])
+def test_each_rule_rejects_a_bad_layout_with_its_numbers(overrides, world, message):
+    with pytest.raises(LayoutError) as err:
+        validate_layout(layout(overrides), world, have_te=True)
+    assert message in str(err.value)
+
+
+def test_context_parallelism_needs_transformer_engine():
+    c = load_config(None, BASE + ["parallel.context_parallel=2"])
+    validate_layout(c, 8, have_te=True)
+    with pytest.raises(LayoutError, match="CP = 2 needs Transformer Engine"):
+        validate_layout(c, 8, have_te=False)
+    c = load_config(None, BASE + ["parallel.context_parallel=2", "model.attention_backend=sdpa"])
+    with pytest.raises(LayoutError, match="attention_backend=sdpa"):
+        validate_layout(c, 8, have_te=True)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def test_published_layouts_pass_with_the_derived_numbers(recipe):
+    c, launch, _ = load_recipe(recipe, [])
+    nodes = 64 if "10b" in recipe else 16  # 512 / 128 GPUs: a multiple of every phase's TPxPPxCP
+    result = plan(c, nodes * 8, have_te=True, token_budget=launch.token_budget)
+    p = c.parallel
+    assert result.data_parallel * p.tensor_parallel * p.pipeline_parallel * p.context_parallel \
+        == nodes * 8
+    assert result.microbatches * result.data_parallel == 1024  # micro batch 1
+    assert result.tokens_per_step == 1024 * c.data.seq_length
+    assert c.schedule.train_iters == result.steps
+    assert 0.05 * result.steps - 1 <= c.schedule.warmup_iters <= 0.1 * result.steps + 1
+    assert c.optimizer.lr == 1e-4 and c.optimizer.min_lr == 1e-5 and c.precision == "bf16"
+    if launch.phase > 1:
+        assert c.checkpoint.weights_only and c.checkpoint.load.endswith("checkpoints")
+    if "10b" in recipe:
+        assert (p.tensor_parallel, p.pipeline_parallel, p.expert_parallel) == (2, 2, 2)
+        assert p.context_parallel >= 2
+    else:
+        assert (p.tensor_parallel, p.pipeline_parallel, p.expert_parallel) == (1, 1, 1)
+        assert p.sequence_parallel and p.distributed_optimizer
+
+
+def test_context_parallel_grows_and_later_phases_mix_one_to_one():
+    for model in ("genos-1.2b", "genos-10b"):
+        phases = [load_recipe(f"{model}-{n}", [])[0] for n in ("8k", "32k", "128k", "1m")]
+        cps = [c.parallel.context_parallel for c in phases]
+        assert cps == sorted(cps) and cps[-1] > cps[0]
+        assert [len(c.data.blend) for c in phases] == [2, 2, 4, 4]
+        assert phases[-1].data.blend[0] == phases[-1].data.blend[2]  # 1:1
+
+
+def test_memory_estimate_shrinks_with_model_parallelism():
+    one = load_config(None, ["model.preset=genos-10b", "data.seq_length=8192",
+                             "data.micro_batch_size=1", "data.global_batch_size=64"])
+    split = load_config(None, ["model.preset=genos-10b", "data.seq_length=8192",
+                               "data.micro_batch_size=1", "data.global_batch_size=64",
+                               "parallel.tensor_parallel=2", "parallel.expert_parallel=2"])
+    a, b = memory_per_gpu(one, 8, 8), memory_per_gpu(split, 4, 4)
+    assert b["parameters (bf16)"] < 0.6 * a["parameters (bf16)"]
+    assert b["activations (estimate)"] < a["activations (estimate)"]
+
+
+def test_cli_dry_run_prints_the_plan_and_bad_layouts_exit_2(capsys):
+    assert main(["--recipe", "genos-10b-8k", "--nodes", "4", "--gpus-per-node", "8",
+                 "--slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "DP 4 = 32 GPUs" in out and "tokens/step" in out and "GiB per GPU" in out
+    assert "sbatch --nodes=4 --gpus-per-node=8" in out
+    assert main(["--recipe", "genos-10b-8k", "--nodes", "1", "--gpus-per-node", "4",
+                 "--dry-run", "--slurm"]) == 2
+    assert "world size 4 is not divisible by TP x PP x CP = 2 x 2 x 2 = 8" in capsys.readouterr().err
+    assert main(["--recipe", "nope", "--dry-run"]) == 2
+    assert "genos-1.2b-8k" in capsys.readouterr().err
