@@ -129,6 +129,7 @@ def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> s
         lines.append(f"budget     {token_budget:,.0f} tokens = {result.steps:,d} steps "
                      f"(warmup {cfg.schedule.warmup_iters:,d})")
     total = sum(result.memory.values())
-    lines.append(f"memory     ~{total / GIB:.1f} GiB per GPU (first pipeline stage, estimate):")
-    lines += [f"             {v / GIB:8.2f} GiB  {k}" for k, v in result.memory.items()]
+    unit, scale = ("GiB", GIB) if total >= GIB / 10 else ("MiB", 1 << 20)
+    lines.append(f"memory     ~{total / scale:.1f} {unit} per GPU (first pipeline stage, estimate):")
+    lines += [f"             {v / scale:8.2f} {unit}  {k}" for k, v in result.memory.items()]
     return "\n".join(lines)
