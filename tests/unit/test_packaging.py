@@ -1,0 +1,48 @@
+"""The docker image installs what setup.py pins; the console scripts and recipes ship."""
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def setup_requirements() -> dict[str, str]:
+    """Returns {name: requirement} from setup.py's install_requires and the hf/test extras."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
+                 for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
+    call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call)
+                and getattr(n.func, "id", "") == "setup")
+    kw = {k.arg: k.value for k in call.keywords}
+
+    def strings(node):
+        return [constants[e.id] if isinstance(e, ast.Name) else e.value for e in node.elts]
+
+    reqs = strings(kw["install_requires"])
+    extras = {k.value: v for k, v in zip(kw["extras_require"].keys, kw["extras_require"].values)}
+    reqs += strings(extras["hf"]) + strings(extras["test"])
+    return {re.split(r"[<>=!\[]", r)[0].lower(): r for r in reqs}
+
+
+def test_dockerfile_pins_agree_with_setup_py():
+    docker = (ROOT / "docker" / "Dockerfile").read_text()
+    installed = {re.split(r"[<>=!\[]", r)[0].lower(): r
+                 for r in re.findall(r'"([A-Za-z0-9_.\-]+(?:[<>=!]=?[^"]*)?)"', docker)}
+    for name, requirement in setup_requirements().items():
+        if name == "torch":  # the base image's CUDA build is kept on purpose
+            continue
+        assert name in installed, f"docker/Dockerfile does not install {requirement}"
+        assert installed[name] == requirement, (
+            f"docker/Dockerfile installs {installed[name]!r}, setup.py pins {requirement!r}")
+    assert re.search(r"^ARG BASE_IMAGE=nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3$", docker, re.M)
+
+
+def test_every_console_script_and_recipe_is_packaged():
+    setup = (ROOT / "setup.py").read_text()
+    for script, module in (("geno-preprocess", "data_pipeline.cli"), ("geno-train", "megatron_geno.cli"),
+                           ("geno-convert", "checkpoint_tools.cli"), ("geno-launch", "launch.cli")):
+        assert f'"{script}={module}:main"' in setup
+        assert (ROOT / (module.replace(".", "/") + ".py")).exists()
+    assert '"recipes/*.yaml", "torchrun.sh", "slurm/*.sbatch"' in setup
+    assert len(list((ROOT / "launch" / "recipes").glob("genos-*.yaml"))) == 8
