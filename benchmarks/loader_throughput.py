@@ -118,7 +118,7 @@ def main() -> None:
             m, z = samples_per_s(gm, args.windows), samples_per_s(gz, args.windows)
             print(f"| {length // 1024}K | GenoGPTDataset sample | {m:,.0f} | {z:,.0f} | "
                   f"{z / m:.2f} |")
-        print(f"\n| store | bytes on disk | x mmap |\n|---|---:|---:|")
+        print("\n| store | bytes on disk | x mmap |\n|---|---:|---:|")
         print(f"| mmap .bin/.idx | {m_bytes:,d} | 1.00 |")
         print(f"| zarr shards | {z_bytes:,d} | {z_bytes / m_bytes:.2f} |")
 

@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -155,7 +154,7 @@ def main() -> None:
         (tmp / "genome.fa.gz").unlink()
         contig = write_genome(tmp / "contig.fa.gz", [args.contig_mbp], seed=1)
         r = measure(preprocess_cmd(tmp / "contig.fa.gz", tmp / "contig_corpus"))
-        print(f"\n| one contig | wall s | peak RSS MiB | goal |\n|---|---:|---:|---|")
+        print("\n| one contig | wall s | peak RSS MiB | goal |\n|---|---:|---:|---|")
         print(f"| {contig / 1e6:.0f} Mbp | {r['wall']:.1f} | {r['rss_kib'] / 1024:.0f} | "
               f"< 1024 MiB: {'met' if r['rss_kib'] < 1 << 20 else 'NOT met'} |")
 

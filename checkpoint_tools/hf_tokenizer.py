@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_geno.tokenizer import IUPAC_AMBIGUOUS, NUCLEOTIDES, SOFT_MASK_POLICIES, VOCAB
+from megatron_geno.vocab import IUPAC_AMBIGUOUS, NUCLEOTIDES, SOFT_MASK_POLICIES, VOCAB
 
 SPECIAL = {"pad_token": "<pad>", "eos_token": "<eod>", "bos_token": "<bos>",
            "mask_token": "<mask>", "unk_token": "<unk>"}

@@ -17,7 +17,6 @@ from data_pipeline.manifest import Assembly
 from data_pipeline.normalise import NormalisationPolicy
 from data_pipeline.pipeline import PipelineConfig, prepare_out, process_assembly
 from data_pipeline.shard import TokenReader
-from data_pipeline.splits import SplitRules
 from megatron_geno.vocab import EOD, VOCAB, encoding_table
 from tests.genomes import fasta_bytes, genome, random_bases, write_fasta
 from tests.unit.test_normalise import normalise
