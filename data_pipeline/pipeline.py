@@ -303,12 +303,12 @@ def read_manifest_json(corpus: Path) -> dict:
         raise PipelineError(f"{path}: unreadable ({err})") from None
 
 
+_PROGRESS = None  # per process: where progress (bases) goes; set by _worker_init
+
+
 def _worker_init(queue) -> None:
     global _PROGRESS
     _PROGRESS = queue
-
-
-_PROGRESS = None
 
 
 def _process_in_worker(args) -> tuple[str, str, dict]:

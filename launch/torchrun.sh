@@ -11,7 +11,7 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
     GPUS_PER_NODE=$(nvidia-smi -L 2>/dev/null | wc -l || true)
     [[ "$GPUS_PER_NODE" -ge 1 ]] || GPUS_PER_NODE=1
 fi
-MASTER_PORT=${MASTER_PORT:-$($PY -c 'import socket; s=socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
+MASTER_PORT=${MASTER_PORT:-$($PY -c 'from megatron_geno.distributed import free_port; print(free_port())')}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # TP/SP comm-compute overlap order
 exec $PY -m torch.distributed.run --nnodes 1 --nproc-per-node "$GPUS_PER_NODE" \
     --master-addr 127.0.0.1 --master-port "$MASTER_PORT" \

@@ -164,14 +164,14 @@ def zarr_blend_per_split(blend: list, needed: list[bool]) -> list:
     from data_pipeline.pipeline import PipelineError, read_manifest_json
 
     paths, weights = parse_blend(blend)
+    try:
+        manifests = [read_manifest_json(Path(corpus)) for corpus in paths]
+    except PipelineError as err:
+        raise ConfigError(f"data.blend: {err}") from None
     per_split = []
     for split, need in zip(("train", "valid", "test"), needed):
         chosen, chosen_weights = [], []
-        for i, corpus in enumerate(paths):
-            try:
-                manifest = read_manifest_json(Path(corpus))
-            except PipelineError as err:
-                raise ConfigError(f"data.blend: {err}") from None
+        for i, (corpus, manifest) in enumerate(zip(paths, manifests)):
             if manifest["totals"]["split_tokens"][split]:
                 chosen.append(ZARR_MARK.join([str(Path(corpus).resolve()), split,
                                               manifest["content_hash"]]))
