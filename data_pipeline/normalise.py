@@ -10,14 +10,11 @@ import numpy as np
 from megatron_geno.vocab import SOFT_MASK_POLICIES, UNK, VOCAB, encoding_table
 
 N_UPPER, N_LOWER = VOCAB.index("N"), VOCAB.index("n")
-A_UPPER, A_LOWER = VOCAB.index("A"), VOCAB.index("a")
 C_UPPER, C_LOWER = VOCAB.index("C"), VOCAB.index("c")  # G follows C in both cases
 UNK_BYTE = bytes([UNK])
 # byte -> id tables, applied with bytes.translate, which deletes newlines in the same pass
 KEEP_TABLE = encoding_table("keep").tobytes()
 UPPER_TABLE = encoding_table("upper").tobytes()
-# folds lower-case ids (a c g t n) onto upper case (used by verify)
-FOLD_TABLE = bytes(i - (A_LOWER - A_UPPER) if A_LOWER <= i <= N_LOWER else i for i in range(256))
 NEWLINES = b"\r\n"
 
 

@@ -10,8 +10,9 @@ import numpy as np
 
 from data_pipeline.corpus import Corpus
 from data_pipeline.fasta import Header, open_source, read_fasta
-from data_pipeline.normalise import FOLD_TABLE, KEEP_TABLE, NEWLINES
+from data_pipeline.normalise import NEWLINES
 from data_pipeline.shard import Part, read_attrs
+from megatron_geno.vocab import encoding_table
 
 
 @dataclass
@@ -27,7 +28,7 @@ def verify_corpus(corpus_dir: str | Path, windows_per_assembly: int = 16, window
 
     Windows are drawn per assembly (documents weighted by length) from the shards; the source
     FASTA is streamed once and the same bases are normalised independently of the N-splitting
-    logic (case policy and IUPAC table only), so a wrong offset, dropped or doubled base, or
+    logic (the tokenizer's table for the recorded case policy), so a wrong offset, dropped or doubled base, or
     a case error shows up as a mismatch. A changed source file (md5) is reported too.
     """
     corpus = Corpus(corpus_dir)
@@ -51,7 +52,8 @@ def verify_corpus(corpus_dir: str | Path, windows_per_assembly: int = 16, window
             start = int(part.doc_source_start[i]) + offset
             wanted[int(part.doc_contig[i])].append(
                 (start, tokens, f"{entry['assembly']}/{part.path.name} document {i}"))
-        fold = attrs["normalisation"]["soft_mask"] == "upper"
+        # the tokenizer's own byte -> id table for the recorded policy
+        table = encoding_table(attrs["normalisation"]["soft_mask"]).tobytes()
         source_path = attrs["source"]["path"]
         source = open_source(source_path)
         contig, pos = -1, 0
@@ -64,9 +66,7 @@ def verify_corpus(corpus_dir: str | Path, windows_per_assembly: int = 16, window
                 lo, hi = max(start, pos), min(start + len(tokens), pos + len(bases))
                 if lo >= hi:
                     continue
-                expected = bases[lo - pos:hi - pos].translate(KEEP_TABLE)
-                if fold:
-                    expected = expected.translate(FOLD_TABLE)
+                expected = bases[lo - pos:hi - pos].translate(table)
                 got = tokens[lo - start:hi - start].tobytes()
                 if got != expected:
                     bad = next(k for k in range(len(got)) if got[k] != expected[k])

@@ -198,9 +198,9 @@ def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
     ]
     sources: dict = {}
     if d.source == "zarr":
-        sources["blend_per_split"] = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False])
-        if sources["blend_per_split"][2] is None:
-            sizes[2] = None
+        per_split = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False])
+        sizes = [size if blend else None for size, blend in zip(sizes, per_split)]
+        sources["blend_per_split"] = per_split
     else:
         if d.source == "synthetic":
             paths, weights = [synthetic_prefix(cfg, cache_dir)], None
@@ -208,8 +208,6 @@ def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
             paths, weights = parse_blend(d.blend)
             check_prefixes(paths, d.split)
         sources.update(blend=(paths, weights), split=d.split)
-    if sources.get("blend_per_split") and sources["blend_per_split"][1] is None:
-        sizes[1] = None
     config = GenoGPTDatasetConfig(
         random_seed=s.seed,
         sequence_length=d.seq_length,
