@@ -103,6 +103,11 @@ def main(argv=None) -> int:
     except (ConversionError, CheckpointError) as err:
         print(f"geno-convert: error: {err}", file=sys.stderr)
         return 2
+    finally:  # the one-process group of checkpoint I/O and verify; gloo aborts if it outlives exit
+        import torch
+
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

@@ -84,13 +84,16 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    from megatron_geno import distributed
     from megatron_geno.train import train
 
     try:
         train(cfg)
     except (ConfigError, CheckpointError) as err:
         print(f"geno-train: error: {err}", file=sys.stderr)
+        distributed.destroy()  # every rank meets these alike; no rank is left in a collective
         return 2
+    distributed.finish()
     return 0
 
 

@@ -74,5 +74,17 @@ def destroy() -> None:
         torch.distributed.destroy_process_group()
 
 
+def finish() -> None:
+    """Ends a run that every rank completed: waits for all ranks, then tears the groups down.
+
+    Skipping this is not harmless: gloo's worker threads outlive a process group that is still
+    alive at interpreter exit, and the process then dies with SIGABRT ("terminate called without
+    an active exception") after its work is done, so torchrun reports a failed run.
+    """
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    destroy()
+
+
 def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
