@@ -40,6 +40,8 @@ setup(
             "geno-convert=checkpoint_tools.cli:main",
             "geno-preprocess=data_pipeline.cli:main",
             "geno-launch=launch.cli:main",
-        ]
+        ],
+        # zarr finds the store's token codec wherever this package is installed
+        "zarr.codecs": ["megatron_geno.dna2bit=data_pipeline.dna2bit:DNA2BitCodec"],
     },
 )

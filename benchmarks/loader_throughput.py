@@ -4,9 +4,9 @@
     python benchmarks/loader_throughput.py --mbp 50     # quicker
 
 A generated genome (benchmarks/preprocess_throughput.py's generator) is preprocessed into a zarr
-corpus, which `export-megatron` writes as a Megatron .bin/.idx pair with megatron-core's builder;
-the .bin/.idx read back through megatron-core's mmap IndexedDataset is the baseline. Two rates per
-window length:
+corpus with each codec (dna2bit, the default, and zstd); `export-megatron` writes the same tokens
+as a Megatron .bin/.idx pair with megatron-core's builder, and that pair read back through
+megatron-core's mmap IndexedDataset is the baseline. Two rates per window length:
 - samples: GenoGPTDataset[i] for random i, what the training loop gets (window, torch tensors,
   loss mask, position ids), built by megatron-core over each store;
 - raw: the same random (document, offset) windows through each low-level dataset's
@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.preprocess_throughput import write_genome  # noqa: E402
+
+CODECS = ("dna2bit", "zstd")  # the default store codec, and the portable one
 
 
 def disk_bytes(paths: list[Path]) -> int:
@@ -90,37 +92,45 @@ def main() -> None:
         sizes = [min(25.0, args.mbp - 25.0 * k) for k in range(int(np.ceil(args.mbp / 25)))]
         write_genome(tmp / "g.fa.gz", sizes)
         env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-        for cmd in (["run", str(tmp / "g.fa.gz"), "--out", str(tmp / "zarr")],
-                    ["export-megatron", str(tmp / "zarr"), "--prefix", str(tmp / "mmap")]):
+        for cmd in (["run", str(tmp / "g.fa.gz"), "--out", str(tmp / "dna2bit")],
+                    ["run", str(tmp / "g.fa.gz"), "--out", str(tmp / "zstd"), "--codec", "zstd"],
+                    ["export-megatron", str(tmp / "dna2bit"), "--prefix", str(tmp / "mmap")]):
             subprocess.run([sys.executable, "-m", "data_pipeline.cli", *cmd], env=env, check=True,
                            capture_output=True)
-        zarr_ds = CorpusSplit(tmp / "zarr", "train")
+        stores = {codec: CorpusSplit(tmp / codec, "train") for codec in CODECS}
         mmap_ds = IndexedDataset(str(tmp / "mmap_train"), mmap=True)
-        lengths = zarr_ds.sequence_lengths
-        assert np.array_equal(lengths, mmap_ds.sequence_lengths)
-        z_bytes = disk_bytes([tmp / "zarr" / "shards"])
-        m_bytes = disk_bytes([tmp / "mmap_train.bin", tmp / "mmap_train.idx"])
+        lengths = mmap_ds.sequence_lengths
+        for store in stores.values():
+            assert np.array_equal(lengths, store.sequence_lengths)
         print(f"\n{lengths.sum() / 1e6:.0f} M tokens in {len(lengths)} documents; "
               f"{args.windows} random windows per length, best of 3\n")
-        print("| window | read | mmap .bin/.idx windows/s | zarr windows/s | zarr / mmap |")
-        print("|---|---|---:|---:|---:|")
+        print("| window | read | mmap .bin/.idx windows/s | "
+              + " | ".join(f"zarr {c} windows/s | x mmap" for c in CODECS) + " |")
+        print("|---|---|---:|" + "---:|---:|" * len(CODECS))
         rng = np.random.default_rng(0)
         for length in (8192, 32768):
             docs = rng.choice(len(lengths), size=args.windows, p=lengths / lengths.sum())
             windows = [(int(d), int(rng.integers(0, lengths[d] - length)), length + 1)
                        for d in docs]
-            for d, o, n in windows[:50]:  # same bytes from both
-                assert np.array_equal(zarr_ds.get(d, o, n), mmap_ds.get(d, offset=o, length=n))
-            m, z = windows_per_s(mmap_ds, windows), windows_per_s(zarr_ds, windows)
-            print(f"| {length // 1024}K | raw get + copy | {m:,.0f} | {z:,.0f} | {z / m:.2f} |")
-            gm = gpt_dataset("megatron", tmp / "mmap_train", length, args.windows, tmp / "cm")
-            gz = gpt_dataset("zarr", tmp / "zarr", length, args.windows, tmp / "cz")
-            m, z = samples_per_s(gm, args.windows), samples_per_s(gz, args.windows)
-            print(f"| {length // 1024}K | GenoGPTDataset sample | {m:,.0f} | {z:,.0f} | "
-                  f"{z / m:.2f} |")
+            for store in stores.values():
+                for d, o, n in windows[:50]:  # same bytes from every store
+                    assert np.array_equal(store.get(d, o, n), mmap_ds.get(d, offset=o, length=n))
+            m = windows_per_s(mmap_ds, windows)
+            rates = [windows_per_s(store, windows) for store in stores.values()]
+            print(f"| {length // 1024}K | raw get + copy | {m:,.0f} | "
+                  + " | ".join(f"{z:,.0f} | {z / m:.2f}" for z in rates) + " |")
+            m = samples_per_s(gpt_dataset("megatron", tmp / "mmap_train", length, args.windows,
+                                          tmp / "cm"), args.windows)
+            rates = [samples_per_s(gpt_dataset("zarr", tmp / codec, length, args.windows,
+                                               tmp / f"c{codec}"), args.windows) for codec in CODECS]
+            print(f"| {length // 1024}K | GenoGPTDataset sample | {m:,.0f} | "
+                  + " | ".join(f"{z:,.0f} | {z / m:.2f}" for z in rates) + " |")
+        m_bytes = disk_bytes([tmp / "mmap_train.bin", tmp / "mmap_train.idx"])
         print("\n| store | bytes on disk | x mmap |\n|---|---:|---:|")
         print(f"| mmap .bin/.idx | {m_bytes:,d} | 1.00 |")
-        print(f"| zarr shards | {z_bytes:,d} | {z_bytes / m_bytes:.2f} |")
+        for codec in CODECS:
+            z_bytes = disk_bytes([tmp / codec / "shards"])
+            print(f"| zarr {codec} | {z_bytes:,d} | {z_bytes / m_bytes:.2f} |")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class PipelineConfig:
     chunk_tokens: int = CHUNK_TOKENS
     shard_tokens: int = SHARD_TOKENS
     compression_level: int = 1
-    codec: str = "zstd"
+    codec: str = "dna2bit"
 
     def __post_init__(self):
         if self.codec not in CODECS:
@@ -55,6 +55,9 @@ class PipelineConfig:
         if self.chunk_tokens < 1 or self.shard_tokens % self.chunk_tokens:
             raise PipelineError(f"shard size {self.shard_tokens} must be a multiple of the chunk "
                                 f"size {self.chunk_tokens}")
+        if self.codec == "dna2bit" and self.chunk_tokens % 8:
+            raise PipelineError(f"--codec dna2bit packs whole 8-token words; chunk size "
+                                f"{self.chunk_tokens} is not a multiple of 8")
         if self.part_tokens < 1:
             raise PipelineError(f"--part-size must be positive, got {self.part_tokens}")
 

@@ -4,9 +4,9 @@ An assembly is one zarr group (directory ``shards/<assembly>``) with attributes 
 ``part-00000``, ``part-00001``, ... Each part is a zarr group holding:
 
 - ``tokens``      uint8 [n]: documents back to back, each followed by EOD; compressed inner
-                  chunks (16 Ki tokens; zstd, or blosc-zstd with bit shuffling) inside shard
-                  files (64 Mi tokens), so a random window costs one small read and one small
-                  decompression.
+                  chunks (16 Ki tokens; dna2bit, zstd or blosc-zstd with bit shuffling) inside
+                  shard files (64 Mi tokens), so a random window costs one small read and one
+                  small decode.
 - ``doc_offsets`` int64 [d + 1]: document i is tokens[doc_offsets[i]:doc_offsets[i + 1]] (EOD last).
 - ``doc_contig``  int32 [d]: index into the assembly's ``contigs`` attribute.
 - ``doc_source_start`` int64 [d]: 0-based position of the document's first base in its contig.
@@ -27,39 +27,69 @@ import numpy as np
 import zarr
 import zarr.codecs
 
+from data_pipeline import dna2bit
 from megatron_geno.vocab import EOD
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
-CHUNK_TOKENS = 1 << 14  # zstd decode costs ~1.7 ns/token: small chunks keep a window cheap
+CHUNK_TOKENS = 1 << 14  # a random window decodes one or two chunks: small chunks keep it cheap
 SHARD_TOKENS = 1 << 26
 _EMPTY = np.uint64(2**64 - 1)
-# --codec: (numcodecs codec that encodes inner chunks, the same codec in zarr's metadata).
-# zstd: smallest (~0.3 bytes/base); blosc: bit-shuffled zstd, ~2x faster to write, ~0.47 bytes/base
+
+
+class _Numcodec:
+    """A numcodecs codec as a shard encoder: one call per inner chunk."""
+
+    def __init__(self, codec):
+        self.codec = codec
+
+    def encode_chunks(self, data: np.ndarray, chunk: int) -> list[bytes]:
+        return [self.codec.encode(data[k:k + chunk]) for k in range(0, len(data), chunk)]
+
+    def decode(self, buf, out: np.ndarray) -> None:
+        self.codec.decode(buf, out=out)
+
+
+class _DNA2Bit:
+    """dna2bit as a shard encoder: the whole shard in a few numpy passes."""
+
+    encode_chunks = staticmethod(dna2bit.encode_chunks)
+
+    @staticmethod
+    def decode(buf, out: np.ndarray) -> None:
+        dna2bit.decode(buf, out=out)
+
+
+# --codec: (shard encoder / chunk decoder for a level, the same codec in zarr's metadata).
+# dna2bit: 2 bits per base plus runs (~0.25 bytes/base; fastest both ways; zarr reads it where this
+# package is installed); zstd: ~0.3 bytes/base, readable by any zarr v3 reader; blosc: bit-shuffled
+# zstd, ~0.47 bytes/base, faster to write than zstd.
 CODECS = {
-    "zstd": (lambda level: numcodecs.Zstd(level=level),
+    "dna2bit": (lambda level: _DNA2Bit(), lambda level: dna2bit.DNA2BitCodec()),
+    "zstd": (lambda level: _Numcodec(numcodecs.Zstd(level=level)),
              lambda level: zarr.codecs.ZstdCodec(level=level)),
-    "blosc": (lambda level: numcodecs.Blosc(cname="zstd", clevel=level,
-                                            shuffle=numcodecs.Blosc.BITSHUFFLE),
+    "blosc": (lambda level: _Numcodec(numcodecs.Blosc(cname="zstd", clevel=level,
+                                                      shuffle=numcodecs.Blosc.BITSHUFFLE)),
               lambda level: zarr.codecs.BloscCodec(cname="zstd", clevel=level,
                                                    shuffle="bitshuffle", typesize=1)),
 }
-_DECODERS = {"zstd": numcodecs.Zstd, "blosc": numcodecs.Blosc}
+ZARR_NAMES = {"dna2bit": dna2bit.NAME, "zstd": "zstd", "blosc": "blosc"}
+# codec name in zarr's metadata -> chunk decoder (the level does not matter for decoding)
+_DECODERS = {"zstd": lambda: _Numcodec(numcodecs.Zstd()), "blosc": lambda: _Numcodec(numcodecs.Blosc()),
+             dna2bit.NAME: _DNA2Bit}
 
 
 def encode_shard(data: np.ndarray, chunk_tokens: int, per_shard: int, codec) -> bytes:
     """Returns one shard file in zarr v3's sharding_indexed format (inner codecs bytes + codec,
     index [offset, nbytes] uint64 little-endian at the end, then its crc32c)."""
+    whole = -(-len(data) // chunk_tokens) * chunk_tokens
+    if whole != len(data):  # zarr stores whole inner chunks, padded with the fill value
+        data = np.concatenate([data, np.zeros(whole - len(data), dtype=np.uint8)])
+    pieces = codec.encode_chunks(np.ascontiguousarray(data), chunk_tokens)
+    sizes = np.array([len(p) for p in pieces], dtype="<u8")
     index = np.full((per_shard, 2), _EMPTY, dtype="<u8")
-    pieces, offset = [], 0
-    for k in range(-(-len(data) // chunk_tokens)):
-        piece = data[k * chunk_tokens:(k + 1) * chunk_tokens]
-        if len(piece) < chunk_tokens:  # zarr stores whole inner chunks, padded with the fill value
-            piece = np.concatenate([piece, np.zeros(chunk_tokens - len(piece), dtype=np.uint8)])
-        encoded = codec.encode(np.ascontiguousarray(piece))
-        index[k] = (offset, len(encoded))
-        offset += len(encoded)
-        pieces.append(encoded)
+    index[:len(pieces), 0] = np.cumsum(sizes) - sizes
+    index[:len(pieces), 1] = sizes
     raw_index = index.tobytes()
     return b"".join(pieces) + raw_index + np.uint32(google_crc32c.value(raw_index)).astype("<u4").tobytes()
 
@@ -73,7 +103,7 @@ class PartWriter:
     """
 
     def __init__(self, path: Path, chunk_tokens: int, shard_tokens: int, level: int,
-                 codec: str = "zstd"):
+                 codec: str = "dna2bit"):
         self.path = path
         self.group = zarr.open_group(str(path), mode="w", zarr_format=3)
         self.chunk_tokens, self.shard_tokens, self.level = chunk_tokens, shard_tokens, level
@@ -162,7 +192,7 @@ class AssemblyWriter:
     """
 
     def __init__(self, path: Path, part_tokens: int, chunk_tokens: int = CHUNK_TOKENS,
-                 shard_tokens: int = SHARD_TOKENS, level: int = 1, codec: str = "zstd"):
+                 shard_tokens: int = SHARD_TOKENS, level: int = 1, codec: str = "dna2bit"):
         self.path = path
         self.codec = codec
         self.root = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -260,7 +290,7 @@ class TokenReader:
                 "chunk_grid": {"configuration": {"chunk_shape": [shard_tokens]}},
                 "chunk_key_encoding": {"configuration": {"separator": "/"}},
                 "codecs": [{"name": "sharding_indexed", "configuration": {
-                    "chunk_shape": [chunk_tokens], "codecs": [{"name": "bytes"}, {"name": codec}],
+                    "chunk_shape": [chunk_tokens], "codecs": [{"name": "bytes"}, {"name": ZARR_NAMES[codec]}],
                     "index_codecs": [{"name": "bytes"}, {"name": "crc32c"}],
                     "index_location": "end"}}]}
         return cls(array_dir, meta)
