@@ -36,6 +36,21 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def synthetic_bases(rng: np.random.Generator, m: int) -> np.ndarray:
+    """m ASCII bases: order-1 Markov-ish (the previous base repeats 30% of the time, so it
+    compresses like real DNA, ~2 bits/base), 3 kb soft-masked blocks (~6% of bases) and, above
+    1 Mbp, one 50 kb N gap."""
+    seq = np.frombuffer(b"ACGT", dtype=np.uint8)[rng.integers(0, 4, m)]
+    repeat = rng.random(m) < 0.3
+    seq[1:][repeat[1:]] = seq[:-1][repeat[1:]]
+    for s in rng.integers(0, m - 5000, m // 50_000):
+        seq[s:s + 3000] |= 32  # lower case
+    if m > 1_000_000:
+        g = int(rng.integers(0, m - 100_000))
+        seq[g:g + 50_000] = ord("N")
+    return seq
+
+
 def write_genome(path: Path, contig_mbp: list[float], seed: int = 0) -> int:
     """Writes a gzip FASTA of chromosome-like contigs; returns the number of bases."""
     try:
@@ -43,7 +58,6 @@ def write_genome(path: Path, contig_mbp: list[float], seed: int = 0) -> int:
     except ImportError:
         import gzip as gz
     rng = np.random.default_rng(seed)
-    letters = np.frombuffer(b"ACGT", dtype=np.uint8)
     total = 0
     with gz.open(path, "wb", compresslevel=1) as f:
         for i, mbp in enumerate(contig_mbp):
@@ -51,17 +65,7 @@ def write_genome(path: Path, contig_mbp: list[float], seed: int = 0) -> int:
             f.write(f">chr{i + 1} synthetic\n".encode())
             for start in range(0, n, 10_000_000):  # 10 Mbp at a time keeps the generator small
                 m = min(10_000_000, n - start)
-                # order-1 Markov-ish bases: repeat the previous base 30% of the time (compresses
-                # like real DNA, ~2 bits/base), soft-masked blocks, an N gap every ~5 Mbp
-                seq = letters[rng.integers(0, 4, m)]
-                repeat = rng.random(m) < 0.3
-                seq[1:][repeat[1:]] = seq[:-1][repeat[1:]]
-                for s in rng.integers(0, m - 5000, m // 50_000):
-                    seq[s:s + 3000] |= 32  # lower case
-                if m > 1_000_000:
-                    g = int(rng.integers(0, m - 100_000))
-                    seq[g:g + 50_000] = ord("N")
-                text = seq.tobytes()
+                text = synthetic_bases(rng, m).tobytes()
                 f.write(b"\n".join(text[k:k + 60] for k in range(0, len(text), 60)) + b"\n")
                 total += m
     return total

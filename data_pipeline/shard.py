@@ -75,7 +75,8 @@ CODECS = {
 }
 ZARR_NAMES = {"dna2bit": dna2bit.NAME, "zstd": "zstd", "blosc": "blosc"}
 # codec name in zarr's metadata -> chunk decoder (the level does not matter for decoding)
-_DECODERS = {"zstd": lambda: _Numcodec(numcodecs.Zstd()), "blosc": lambda: _Numcodec(numcodecs.Blosc()),
+DECODERS = {"zstd": lambda: _Numcodec(numcodecs.Zstd()),
+             "blosc": lambda: _Numcodec(numcodecs.Blosc()),
              dna2bit.NAME: _DNA2Bit}
 
 
@@ -253,7 +254,7 @@ def _fast_layout(meta: dict) -> Optional[tuple[int, int, int, str]]:
         inner = [c["name"] for c in conf["codecs"]]
         index = [c["name"] for c in conf["index_codecs"]]
         if (codec["name"] != "sharding_indexed" or inner[:1] != ["bytes"] or len(inner) != 2
-                or inner[1] not in _DECODERS
+                or inner[1] not in DECODERS
                 or index != ["bytes", "crc32c"] or conf["index_location"] != "end"
                 or meta["data_type"] != "uint8"
                 or meta["chunk_key_encoding"]["configuration"]["separator"] != "/"):
@@ -279,7 +280,7 @@ class TokenReader:
         self._array = None if self.layout else zarr.open_array(str(array_dir), mode="r")
         self._indices: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
-        self._decoder = _DECODERS[self.layout[3]]() if self.layout else None
+        self._decoder = DECODERS[self.layout[3]]() if self.layout else None
         self._cached = (-1, None)
 
     @classmethod
@@ -290,7 +291,8 @@ class TokenReader:
                 "chunk_grid": {"configuration": {"chunk_shape": [shard_tokens]}},
                 "chunk_key_encoding": {"configuration": {"separator": "/"}},
                 "codecs": [{"name": "sharding_indexed", "configuration": {
-                    "chunk_shape": [chunk_tokens], "codecs": [{"name": "bytes"}, {"name": ZARR_NAMES[codec]}],
+                    "chunk_shape": [chunk_tokens],
+                    "codecs": [{"name": "bytes"}, {"name": ZARR_NAMES[codec]}],
                     "index_codecs": [{"name": "bytes"}, {"name": "crc32c"}],
                     "index_location": "end"}}]}
         return cls(array_dir, meta)
