@@ -155,7 +155,9 @@ class PartWriter:
         if not self.fill:
             return
         shard = self.flushed // self.shard_tokens
-        data = encode_shard(self.buffer[:self.fill], self.chunk_tokens,
+        whole = -(-self.fill // self.chunk_tokens) * self.chunk_tokens
+        self.buffer[self.fill:whole] = 0  # pad the last inner chunk in place, not in a copy
+        data = encode_shard(self.buffer[:whole], self.chunk_tokens,
                             self.shard_tokens // self.chunk_tokens, self.codec)
         (self.shard_dir / str(shard)).write_bytes(data)
         self.flushed, self.fill = self.flushed + self.fill, 0
