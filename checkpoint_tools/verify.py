@@ -41,7 +41,7 @@ def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Te
     cfg = TrainConfig(model=ckpt.model, precision="fp32")
     distributed.initialize(cfg.parallel, seed=0)
     model = build_gpt_model(cfg, VOCAB_SIZE)
-    load_model_weights(model, ckpt.path, ckpt.common)
+    load_model_weights([model], ckpt.path, ckpt.common)
     model.eval()
     routes: dict[int, torch.Tensor] = {}
 

@@ -31,9 +31,10 @@ def validate_layout(cfg: TrainConfig, world_size: int, have_te: bool) -> tuple[i
     """Raises LayoutError for a layout that cannot run; returns (DP, expert DP).
 
     Rules: world size divisible by TP x PP x CP (the rest is DP); EP x expert-TP divides TP x CP x DP
-    and experts divide by EP; heads and query groups divisible by TP; layers divisible by PP;
-    sequence length divisible by 2 x CP (x TP with sequence parallelism); global batch divisible
-    by micro batch x DP; context parallelism needs Transformer Engine.
+    and experts divide by EP; heads and query groups divisible by TP; layers divisible by PP x
+    virtual stages, which need PP > 1 and micro-batches per step divisible by PP; sequence length
+    divisible by 2 x CP (x TP with sequence parallelism); global batch divisible by micro batch x
+    DP; context parallelism needs Transformer Engine.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
@@ -51,8 +52,12 @@ def validate_layout(cfg: TrainConfig, world_size: int, have_te: bool) -> tuple[i
     if m.num_attention_heads % tp or m.num_query_groups % tp:
         raise LayoutError(f"{m.num_attention_heads} attention heads and {m.num_query_groups} query "
                           f"groups must both be divisible by TP = {tp}")
-    if m.num_layers % pp:
-        raise LayoutError(f"{m.num_layers} layers are not divisible by PP = {pp}")
+    vp = p.virtual_pipeline
+    if vp > 1 and pp == 1:
+        raise LayoutError(f"{vp} virtual pipeline stages need PP > 1 (they split each stage)")
+    if m.num_layers % (pp * vp):
+        stages = f"PP x virtual stages = {pp} x {vp} = {pp * vp}" if vp > 1 else f"PP = {pp}"
+        raise LayoutError(f"{m.num_layers} layers are not divisible by {stages}")
     sp = p.sequence_parallel and tp > 1
     seq_multiple = (2 * cp if cp > 1 else 1) * (tp if sp else 1)
     if d.seq_length % seq_multiple:
@@ -63,6 +68,11 @@ def validate_layout(cfg: TrainConfig, world_size: int, have_te: bool) -> tuple[i
     if d.global_batch_size % (d.micro_batch_size * dp):
         raise LayoutError(f"global batch {d.global_batch_size} is not divisible by micro batch x DP "
                           f"= {d.micro_batch_size} x {dp} = {d.micro_batch_size * dp}")
+    micro = d.global_batch_size // (d.micro_batch_size * dp)
+    if vp > 1 and micro % pp:
+        raise LayoutError(f"{vp} virtual pipeline stages need micro-batches per step ({micro} = "
+                          f"global batch {d.global_batch_size} / (micro batch {d.micro_batch_size} "
+                          f"x DP {dp})) divisible by PP = {pp}")
     if cp > 1 and (m.attention_backend == "sdpa" or not have_te):
         reason = ("model.attention_backend=sdpa" if m.attention_backend == "sdpa"
                   else "transformer_engine does not import here")
@@ -78,7 +88,8 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     + Adam moments (12 B) divided over DP (distributed optimizer; expert parameters over the
     expert-DP group). Activations per layer, bf16 with flash attention (no s^2 term), without
     recomputation: attention and norms ~15 x s x b x h, experts 2 x top-k x (h + 3 x ffn) x s x b,
-    divided by TP x CP; the first stage holds PP micro-batches in flight under 1F1B.
+    divided by TP x CP; the first stage holds PP micro-batches in flight under 1F1B, and
+    1 + (PP - 1) / (PP x V) times that with V virtual stages (interleaved 1F1B).
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
@@ -97,6 +108,8 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     s, b, h = d.seq_length, d.micro_batch_size, m.hidden_size
     per_layer = (15 * s * b * h + 2 * m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size) * s * b)
     in_flight = min(pp, max(1, d.global_batch_size // (d.micro_batch_size * dp)))
+    if p.virtual_pipeline > 1:
+        in_flight *= 1 + (pp - 1) / (pp * p.virtual_pipeline)
     activations = per_layer / (tp * cp) * (m.num_layers / pp) * in_flight
     logits = 4 * s * b * vocab / (tp * cp) if pp == 1 else 0.0  # fp32 logits for the loss
     return {"parameters (bf16)": 2 * params, "gradients (fp32)": 4 * params,
@@ -116,7 +129,9 @@ def plan(cfg: TrainConfig, world_size: int, have_te: bool, token_budget: float |
 def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> str:
     p = cfg.parallel
     lines = [
-        f"layout     TP {p.tensor_parallel} x PP {p.pipeline_parallel} x CP {p.context_parallel} x "
+        f"layout     TP {p.tensor_parallel} x PP {p.pipeline_parallel}"
+        f"{f' (virtual stages {p.virtual_pipeline})' if p.virtual_pipeline > 1 else ''} x "
+        f"CP {p.context_parallel} x "
         f"DP {result.data_parallel} = {result.world_size} GPUs; EP {p.expert_parallel} x expert-TP "
         f"{p.expert_tp()} x expert-DP {result.expert_data_parallel}; sequence parallel "
         f"{'on' if p.sequence_parallel and p.tensor_parallel > 1 else 'off'}, distributed optimizer "

@@ -124,6 +124,7 @@ def _layout(cfg: TrainConfig, optimizer) -> dict:
         "optimizers": _num_optimizers(optimizer),  # experts get their own optimizer when EP > 1
         "tensor_parallel": p.tensor_parallel,
         "pipeline_parallel": p.pipeline_parallel,
+        "virtual_pipeline": p.virtual_pipeline,
         "expert_parallel": p.expert_parallel,
         "context_parallel": p.context_parallel,
         "world_size": torch.distributed.get_world_size(),
@@ -137,14 +138,24 @@ OPTIMIZER_METADATA = {
 }
 
 
-def _unwrap(model):
-    """Returns the GPTModel inside megatron-core's DDP wrapper (tensor keys without 'module.')."""
-    chunk = model[0]
-    return getattr(chunk, "module", chunk)
+def _unwrap(model) -> list:
+    """Returns the GPTModel chunks inside megatron-core's DDP wrappers (keys without 'module.')."""
+    return [getattr(chunk, "module", chunk) for chunk in model]
+
+
+def _per_chunk(chunks: list, make) -> dict:
+    """One chunk's dict as it is; several chunks (virtual pipeline stages) as chunk0, chunk1, ...
+
+    Tensors are stored under their global keys (layer numbers included), whatever the nesting,
+    so a checkpoint loads at any number of chunks.
+    """
+    if len(chunks) == 1:
+        return make(chunks[0])
+    return {f"chunk{i}": make(chunk) for i, chunk in enumerate(chunks)}
 
 
 def _model_sharded_state_dict(model) -> dict:
-    return _unwrap(model).sharded_state_dict()
+    return _per_chunk(_unwrap(model), lambda chunk: chunk.sharded_state_dict())
 
 
 def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> Path:
@@ -198,34 +209,39 @@ def adopt_checkpoint_vocab(cfg: TrainConfig) -> None:
     cfg.model.padded_vocab_size = saved.get("padded_vocab_size")
 
 
-def model_weights_request(gpt_model, common: dict) -> dict:
+def model_weights_request(chunks: list, common: dict) -> dict:
     """Returns the model's sharded state dict to load from a checkpoint with this common state.
 
     An HF import (geno-convert from-hf) carries parameters only, no (empty) _extra_state.
     """
-    request = gpt_model.sharded_state_dict()
-    if common.get("imported_from") is not None:
-        request = {k: v for k, v in request.items() if not k.endswith("_extra_state")}
-    return request
-
-
-def apply_model_weights(gpt_model, state: dict, common: dict, ckpt: Path) -> None:
-    """Loads loaded model tensors into the model; CheckpointError if a parameter is missing."""
     imported = common.get("imported_from") is not None
-    result = gpt_model.load_state_dict(state, strict=not imported)
-    missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
-    if missing:
-        raise CheckpointError(f"checkpoint {ckpt} lacks parameter {missing[0]}")
+
+    def request(chunk) -> dict:
+        return {k: v for k, v in chunk.sharded_state_dict().items()
+                if not (imported and k.endswith("_extra_state"))}
+
+    return _per_chunk(chunks, request)
 
 
-def load_model_weights(gpt_model, ckpt: Path, common: dict) -> None:
-    """Loads only the model weights of a torch_dist checkpoint into an (unwrapped) GPTModel."""
-    request = {"model": model_weights_request(gpt_model, common)}
+def apply_model_weights(chunks: list, state: dict, common: dict, ckpt: Path) -> None:
+    """Loads loaded model tensors into the chunks; CheckpointError if a parameter is missing."""
+    imported = common.get("imported_from") is not None
+    states = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
+    for chunk, chunk_state in zip(chunks, states):
+        result = chunk.load_state_dict(chunk_state, strict=not imported)
+        missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
+        if missing:
+            raise CheckpointError(f"checkpoint {ckpt} lacks parameter {missing[0]}")
+
+
+def load_model_weights(chunks: list, ckpt: Path, common: dict) -> None:
+    """Loads only the model weights of a torch_dist checkpoint into (unwrapped) GPTModel chunks."""
+    request = {"model": model_weights_request(chunks, common)}
     try:
         loaded = dist_checkpointing.load(request, str(ckpt))
     except Exception as err:
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
-    apply_model_weights(gpt_model, loaded["model"], common, ckpt)
+    apply_model_weights(chunks, loaded["model"], common, ckpt)
 
 
 def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
@@ -282,7 +298,7 @@ def load_checkpoint(
         check_architecture(common["model_config"], cfg.model, ckpt)
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
     weights_only = cfg.checkpoint.weights_only or common.get("weights_only", False)
-    saved_layout = common.get("layout", {})
+    saved_layout = {"virtual_pipeline": 1, **common.get("layout", {})}  # older: no such key
     same_layout = saved_layout == _layout(cfg, optimizer)
     # megatron-core 0.16.1 cannot map the optimizer's non-tensor state between one optimizer and
     # a chain of two (dense + experts): across that change only Adam moments start fresh.

@@ -50,12 +50,20 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # model chunks per pipeline stage (interleaved 1F1B: a smaller bubble, more communication);
+    # 1 = one chunk per stage. Needs pipeline_parallel > 1, layers divisible by PP x this, and
+    # micro-batches per step divisible by PP.
+    virtual_pipeline: int = 1
     context_parallel: int = 1
     expert_parallel: int = 1
     expert_tensor_parallel: Optional[int] = None  # None: same as tensor_parallel (mcore default)
     sequence_parallel: bool = True  # used whenever tensor_parallel > 1 (MoE requires it)
     distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
+
+    def virtual_pipeline_size(self) -> Optional[int]:
+        """megatron-core's virtual_pipeline_model_parallel_size: None without interleaving."""
+        return self.virtual_pipeline if self.virtual_pipeline > 1 else None
 
     def expert_tp(self) -> int:
         """The expert tensor-parallel size in effect (expert_tensor_parallel, else TP)."""
@@ -233,7 +241,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 def validate(cfg: TrainConfig) -> None:
     """Raises ConfigError for settings that cannot work together."""
     m, p, d = cfg.model, cfg.parallel, cfg.data
-    for name in ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel"):
+    for name in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel",
+                 "expert_parallel"):
         if getattr(p, name) < 1:
             raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
     if m.num_attention_heads % p.tensor_parallel or m.num_query_groups % p.tensor_parallel:
@@ -241,10 +250,14 @@ def validate(cfg: TrainConfig) -> None:
             f"model.num_attention_heads={m.num_attention_heads} and model.num_query_groups="
             f"{m.num_query_groups} must be divisible by parallel.tensor_parallel={p.tensor_parallel}"
         )
-    if m.num_layers % p.pipeline_parallel:
+    if p.virtual_pipeline > 1 and p.pipeline_parallel == 1:
+        raise ConfigError(f"parallel.virtual_pipeline={p.virtual_pipeline} needs "
+                          f"parallel.pipeline_parallel > 1 (it splits each pipeline stage)")
+    if m.num_layers % (p.pipeline_parallel * p.virtual_pipeline):
         raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by "
-            f"parallel.pipeline_parallel={p.pipeline_parallel}"
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel="
+            f"{p.pipeline_parallel}" + (f" x parallel.virtual_pipeline={p.virtual_pipeline}"
+                                         if p.virtual_pipeline > 1 else "")
         )
     if m.num_experts % p.expert_parallel:
         raise ConfigError(

@@ -53,6 +53,7 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_parallel,
             pipeline_model_parallel_size=parallel.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(),
             context_parallel_size=parallel.context_parallel,
             expert_model_parallel_size=parallel.expert_parallel,
             expert_tensor_parallel_size=etp,

@@ -100,6 +100,13 @@ def transformer_config(
         moe_grouped_gemm=grouped,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(),
+        # interleaving: unbatched p2p, which at PP=2 sends the two directions on two communicators.
+        # Batched p2p puts both in one FIFO per peer, and at PP=2 (prev = next) an activation and a
+        # gradient of the same shape arrive swapped. Overlapped p2p (Megatron-LM's default with
+        # interleaving) gave run-to-run different losses over gloo, so it stays off (docs/cpu.md).
+        overlap_p2p_comm=False,
+        batch_p2p_comm=parallel.virtual_pipeline == 1,
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=parallel.expert_tp(),
@@ -117,8 +124,10 @@ def transformer_config(
     )
 
 
-def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = None):
-    """Returns the block spec for this pipeline stage: TE's fused spec, or local + SDPA + RMSNorm."""
+def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = None,
+               vp_stage: Optional[int] = None):
+    """Returns the block spec for this pipeline stage (and virtual stage): TE's fused spec, or
+    local + SDPA + RMSNorm."""
     if te:
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
@@ -137,32 +146,49 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
             sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention
         ),
     )
-    n = get_num_layers_to_build(config, pp_rank=pp_rank)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm)
 
 
-def build_gpt_model(cfg: TrainConfig, vocab_size: int) -> GPTModel:
-    """Returns the GPTModel chunk of this pipeline stage (model parallel groups must exist)."""
+def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
+    """Returns this pipeline stage's GPTModel chunks: one, or parallel.virtual_pipeline of them
+    (chunk v holds virtual stage v; model parallel groups must exist). They share one config."""
     platform.patch_missing_transformer_engine()
     dtype = resolve_precision(cfg.precision)
     config = transformer_config(cfg.model, cfg.parallel, dtype)
     te = use_transformer_engine(cfg.model)
     padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
     cfg.model.padded_vocab_size = padded  # recorded in every checkpoint
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(config, te),
-        vocab_size=padded,
-        max_sequence_length=cfg.model.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
-        rotary_base=cfg.model.rotary_base,
-        parallel_output=True,
-    )
-    if torch.cuda.is_available():
-        model.cuda(torch.cuda.current_device())
+    virtual = cfg.parallel.virtual_pipeline_size()
+    chunks = []
+    for vp_stage in range(virtual) if virtual else [None]:
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, te, vp_stage=vp_stage),
+            vocab_size=padded,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False,
+                                                               vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            parallel_output=True,
+            vp_stage=vp_stage,
+        )
+        if torch.cuda.is_available():
+            chunk.cuda(torch.cuda.current_device())
+        chunks.append(chunk)
+    return chunks
+
+
+def build_gpt_model(cfg: TrainConfig, vocab_size: int) -> GPTModel:
+    """Returns the one GPTModel chunk of this pipeline stage (no virtual pipeline stages)."""
+    if cfg.parallel.virtual_pipeline > 1:
+        raise ConfigError("build_gpt_model builds one chunk; use build_model_chunks with "
+                          "parallel.virtual_pipeline > 1")
+    (model,) = build_model_chunks(cfg, vocab_size)
     return model
 
 
@@ -184,7 +210,8 @@ def describe(cfg: TrainConfig) -> str:
     p = cfg.parallel
     return (
         f"spec={'transformer-engine' if te else 'local+sdpa'} "
-        f"TP={p.tensor_parallel} PP={p.pipeline_parallel} CP={p.context_parallel} "
+        f"TP={p.tensor_parallel} PP={p.pipeline_parallel}"
+        f"{f' VPP={p.virtual_pipeline}' if p.virtual_pipeline > 1 else ''} CP={p.context_parallel} "
         f"EP={p.expert_parallel} DP={parallel_state.get_data_parallel_world_size()} "
         f"SP={p.tensor_parallel > 1 and p.sequence_parallel} "
         f"dtype={resolve_precision(cfg.precision)}"

@@ -27,7 +27,7 @@ from megatron_geno.checkpointing import (
 from megatron_geno.config import ConfigError, TrainConfig
 from megatron_geno.data import build_datasets, microbatches
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
-from megatron_geno.model import (build_gpt_model, describe, resolve_precision,
+from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
                                  use_transformer_engine, wrap_ddp)
 from megatron_geno.presets import flops_per_token
 from megatron_geno.tokenizer import build_tokenizer
@@ -121,7 +121,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     run_dir = Path(cfg.logging.run_dir)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     adopt_checkpoint_vocab(cfg)
-    model = [wrap_ddp(build_gpt_model(cfg, tokenizer.vocab_size), cfg)]
+    model = [wrap_ddp(chunk, cfg) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
     if rank0:  # fully resolved now (padded vocabulary included)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     config = model[0].config
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model[0].no_sync
+    config.no_sync_func = model[0].no_sync if len(model) == 1 else [c.no_sync for c in model]
     state = TrainState()
     if cfg.checkpoint.load:
         state = load_checkpoint(cfg, model, optimizer, scheduler)
@@ -150,7 +150,21 @@ def train(cfg: TrainConfig) -> list[dict]:
             f"data.global_batch_size={d.global_batch_size} is not divisible by micro batch x DP = "
             f"{d.micro_batch_size} x {dp}"
         )
-    train_iter = microbatches(train_ds, state.consumed_samples, d.micro_batch_size, d.global_batch_size)
+    pp = cfg.parallel.pipeline_parallel
+    if len(model) > 1 and num_micro % pp:
+        raise ConfigError(
+            f"parallel.virtual_pipeline={len(model)} needs micro-batches per step ({num_micro} = "
+            f"global batch / (micro batch x DP)) divisible by parallel.pipeline_parallel={pp}"
+        )
+
+    def iterators(dataset, consumed: int):
+        """This rank's micro-batches from `consumed` on: one iterator, or one per model chunk
+        (the interleaved schedule runs every micro-batch through every chunk, in its own order)."""
+        its = [microbatches(dataset, consumed, d.micro_batch_size, d.global_batch_size)
+               for _ in model]
+        return its[0] if len(its) == 1 else its
+
+    train_iter = iterators(train_ds, state.consumed_samples)
     forward_backward = get_forward_backward_func()
     flops_token = flops_per_token(cfg.model, cfg.model.padded_vocab_size, d.seq_length)
     peak = peak_flops()
@@ -163,7 +177,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     def run_eval() -> float:
         for chunk in model:
             chunk.eval()
-        it = microbatches(valid_ds, 0, d.micro_batch_size, d.global_batch_size)
+        it = iterators(valid_ds, 0)
         total = 0.0
         with torch.no_grad():
             for _ in range(s.eval_iters):

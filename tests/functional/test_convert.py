@@ -1,4 +1,5 @@
-"""geno-convert on tiny checkpoints trained at TP=2, PP=2 and EP=2 (2 CPU processes)."""
+"""geno-convert on tiny checkpoints trained at TP=2, PP=2, EP=2 and PP=2 with 2 virtual stages
+(2 CPU processes)."""
 
 import json
 import re
@@ -9,15 +10,17 @@ import torch
 
 from tests.functional.launcher import geno_convert, geno_train
 
-LAYOUTS = {"tp2": "parallel.tensor_parallel=2", "pp2": "parallel.pipeline_parallel=2",
-           "ep2": "parallel.expert_parallel=2"}
+LAYOUTS = {"tp2": ["parallel.tensor_parallel=2"], "pp2": ["parallel.pipeline_parallel=2"],
+           "ep2": ["parallel.expert_parallel=2"],
+           "vpp2": ["model.num_layers=4", "parallel.pipeline_parallel=2",
+                    "parallel.virtual_pipeline=2"]}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     for name, layout in LAYOUTS.items():
-        geno_train(root / f"run_{name}", "schedule.train_iters=3", layout,
+        geno_train(root / f"run_{name}", "schedule.train_iters=3", *layout,
                    f"checkpoint.save={root / name}", nproc=2)
     return root
 

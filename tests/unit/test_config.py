@@ -28,6 +28,8 @@ def test_override_of_a_preset_field():
         ("model.preset=genos-3b", "unknown model preset 'genos-3b'"),
         ("parallel.tensor_parallel=3", "divisible by parallel.tensor_parallel=3"),
         ("parallel.pipeline_parallel=3", "num_layers=2 is not divisible"),
+        ("parallel.virtual_pipeline=2", "virtual_pipeline=2 needs parallel.pipeline_parallel > 1"),
+        ("parallel.virtual_pipeline=0", "parallel.virtual_pipeline must be >= 1"),
         ("parallel.expert_parallel=3", "num_experts=8 is not divisible"),
         ("data.global_batch_size=7", "not divisible by data.micro_batch_size"),
         ("precision=fp16", "precision must be"),
@@ -44,3 +46,13 @@ def test_config_yaml_round_trips(tmp_path):
     path = tmp_path / "saved.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_virtual_stages_must_divide_the_layers():
+    with pytest.raises(ConfigError, match="num_layers=2 is not divisible by parallel.pipeline_parallel"
+                                          "=2 x parallel.virtual_pipeline=2"):
+        load_config(None, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"])
+    cfg = load_config(None, ["model.num_layers=4", "parallel.pipeline_parallel=2",
+                             "parallel.virtual_pipeline=2"])
+    assert cfg.parallel.virtual_pipeline_size() == 2
+    assert load_config(None, []).parallel.virtual_pipeline_size() is None

@@ -35,6 +35,11 @@ def layout(overrides: list[str]):
     (["parallel.tensor_parallel=16"], 16,
      "16 attention heads and 8 query groups must both be divisible by TP = 16"),
     (["parallel.pipeline_parallel=5"], 5, "12 layers are not divisible by PP = 5"),
+    (["parallel.virtual_pipeline=2"], 8, "2 virtual pipeline stages need PP > 1"),
+    (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4"], 8,
+     "12 layers are not divisible by PP x virtual stages = 2 x 4 = 8"),
+    (["parallel.pipeline_parallel=4", "parallel.virtual_pipeline=3", "data.global_batch_size=6"], 8,
+     "need micro-batches per step (3 = global batch 6 / (micro batch 1 x DP 2)) divisible by PP = 4"),
     (["parallel.context_parallel=4", "data.seq_length=8196"], 8,
      "sequence length 8196 is not divisible by 2 x CP (8) = 8"),
     (["parallel.tensor_parallel=2", "parallel.context_parallel=2", "data.seq_length=8196"], 8,
@@ -99,6 +104,16 @@ def test_memory_estimate_shrinks_with_model_parallelism():
     a, b = memory_per_gpu(one, 8, 8), memory_per_gpu(split, 4, 4)
     assert b["parameters (bf16)"] < 0.6 * a["parameters (bf16)"]
     assert b["activations (estimate)"] < a["activations (estimate)"]
+
+
+def test_virtual_stages_pass_and_hold_more_activations_in_flight():
+    pp = BASE + ["parallel.pipeline_parallel=4"]
+    plain, virtual = load_config(None, pp), load_config(None, pp + ["parallel.virtual_pipeline=3"])
+    validate_layout(virtual, 8, have_te=True)
+    a, b = memory_per_gpu(plain, 2, 2), memory_per_gpu(virtual, 2, 2)
+    # interleaved 1F1B: 1 + (PP - 1) / (PP x V) = 1.25 times the activations of plain 1F1B
+    assert b["activations (estimate)"] == pytest.approx(1.25 * a["activations (estimate)"])
+    assert b["parameters (bf16)"] == a["parameters (bf16)"]
 
 
 def test_cli_dry_run_prints_the_plan_and_bad_layouts_exit_2(capsys):
