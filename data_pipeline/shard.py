@@ -54,10 +54,7 @@ class _DNA2Bit:
     """dna2bit as a shard encoder: the whole shard in a few numpy passes."""
 
     encode_chunks = staticmethod(dna2bit.encode_chunks)
-
-    @staticmethod
-    def decode(buf, out: np.ndarray) -> None:
-        dna2bit.decode(buf, out=out)
+    decode = staticmethod(dna2bit.decode)
 
 
 # --codec: (shard encoder / chunk decoder for a level, the same codec in zarr's metadata).
@@ -73,19 +70,20 @@ CODECS = {
               lambda level: zarr.codecs.BloscCodec(cname="zstd", clevel=level,
                                                    shuffle="bitshuffle", typesize=1)),
 }
-ZARR_NAMES = {"dna2bit": dna2bit.NAME, "zstd": "zstd", "blosc": "blosc"}
+# --codec name -> the codec's name in zarr's metadata
+ZARR_NAMES = {name: to_zarr(1).to_dict()["name"] for name, (_, to_zarr) in CODECS.items()}
 # codec name in zarr's metadata -> chunk decoder (the level does not matter for decoding)
-DECODERS = {"zstd": lambda: _Numcodec(numcodecs.Zstd()),
-             "blosc": lambda: _Numcodec(numcodecs.Blosc()),
-             dna2bit.NAME: _DNA2Bit}
+DECODERS = {ZARR_NAMES[name]: (lambda make=make: make(1)) for name, (make, _) in CODECS.items()}
 
 
 def encode_shard(data: np.ndarray, chunk_tokens: int, per_shard: int, codec) -> bytes:
     """Returns one shard file in zarr v3's sharding_indexed format (inner codecs bytes + codec,
-    index [offset, nbytes] uint64 little-endian at the end, then its crc32c)."""
-    whole = -(-len(data) // chunk_tokens) * chunk_tokens
-    if whole != len(data):  # zarr stores whole inner chunks, padded with the fill value
-        data = np.concatenate([data, np.zeros(whole - len(data), dtype=np.uint8)])
+    index [offset, nbytes] uint64 little-endian at the end, then its crc32c).
+
+    `data` holds whole inner chunks: zarr stores them whole, the last one padded with the fill
+    value (PartWriter pads its buffer in place)."""
+    if len(data) % chunk_tokens:
+        raise ValueError(f"{len(data)} tokens are not whole chunks of {chunk_tokens}")
     pieces = codec.encode_chunks(np.ascontiguousarray(data), chunk_tokens)
     sizes = np.array([len(p) for p in pieces], dtype="<u8")
     index = np.full((per_shard, 2), _EMPTY, dtype="<u8")

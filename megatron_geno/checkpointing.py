@@ -154,6 +154,11 @@ def _per_chunk(chunks: list, make) -> dict:
     return {f"chunk{i}": make(chunk) for i, chunk in enumerate(chunks)}
 
 
+def _chunk_states(chunks: list, state: dict) -> list:
+    """The inverse of _per_chunk: each chunk's part of a loaded dict."""
+    return [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
+
+
 def _model_sharded_state_dict(model) -> dict:
     return _per_chunk(_unwrap(model), lambda chunk: chunk.sharded_state_dict())
 
@@ -226,8 +231,7 @@ def model_weights_request(chunks: list, common: dict) -> dict:
 def apply_model_weights(chunks: list, state: dict, common: dict, ckpt: Path) -> None:
     """Loads loaded model tensors into the chunks; CheckpointError if a parameter is missing."""
     imported = common.get("imported_from") is not None
-    states = [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
-    for chunk, chunk_state in zip(chunks, states):
+    for chunk, chunk_state in zip(chunks, _chunk_states(chunks, state)):
         result = chunk.load_state_dict(chunk_state, strict=not imported)
         missing = [k for k in getattr(result, "missing_keys", []) if not k.endswith("_extra_state")]
         if missing:
