@@ -120,7 +120,7 @@ class ContigNormaliser:
             self._bases(ids, self.pos)
         else:
             is_n = (ids == N_UPPER) | (ids == N_LOWER)
-            edges = np.flatnonzero(is_n[1:] != is_n[:-1]) + 1  # 20x faster than np.diff on int8
+            edges = np.flatnonzero(is_n[1:] != is_n[:-1]) + 1  # far cheaper than np.diff on int8
             bounds = np.concatenate(([0], edges, [len(ids)]))
             for start, end in zip(bounds[:-1], bounds[1:]):
                 segment = ids[start:end]
