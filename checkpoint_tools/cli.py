@@ -24,12 +24,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf = sub.add_parser("to-hf", help="torch_dist checkpoint -> HuggingFace Mixtral directory")
     to_hf.add_argument("--checkpoint", required=True, help="save dir (uses 'latest') or iter_N dir")
     to_hf.add_argument("--iteration", type=int, help="iteration to convert (default: latest)")
-    to_hf.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    to_hf.add_argument("--out", required=True, help="new output directory (must not exist, or be "
+                       "an empty directory); written beside it first, renamed when complete")
     to_hf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     to_hf.add_argument("--shard-size", default="5GB", help="max safetensors file size (5GB)")
     from_hf = sub.add_parser("from-hf", help="HuggingFace Mixtral directory -> torch_dist checkpoint")
     from_hf.add_argument("--hf", required=True, help="directory with config.json and safetensors")
-    from_hf.add_argument("--out", required=True, help="output save dir (must not exist or be empty)")
+    from_hf.add_argument("--out", required=True, help="new output save dir (must not exist, or be "
+                         "an empty directory); written beside it first, renamed when complete")
     inspect = sub.add_parser("inspect", help="config, iteration, layout and tensors of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--iteration", type=int)
@@ -40,13 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     verify.add_argument("--tokens", type=int, default=2048, help="DNA sequence length (2048)")
     verify.add_argument("--threshold", type=float, default=1e-4,
                         help="max absolute logit difference allowed (1e-4)")
+    for command in (to_hf, inspect, verify):
+        command.add_argument("--no-verify-checksums", dest="verify_checksums",
+                             action="store_false",
+                             help="skip checking every stored byte against the checksums "
+                             "written at save (faster; damage then goes unnoticed)")
     return parser.parse_args(argv)
 
 
-def inspect_checkpoint(path: str, iteration) -> None:
+def inspect_checkpoint(path: str, iteration, verify_checksums: bool = True) -> None:
     from checkpoint_tools.mcore_checkpoint import open_checkpoint
 
-    ckpt = open_checkpoint(path, iteration)
+    ckpt = open_checkpoint(path, iteration, verify_checksums)
     print(f"checkpoint   {ckpt.path}")
     print(f"iteration    {ckpt.iteration if ckpt.iteration is not None else 'n/a (weights only)'}")
     print(f"layout       {json.dumps(ckpt.common.get('layout', {}))}")
@@ -68,6 +75,9 @@ def inspect_checkpoint(path: str, iteration) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from megatron_geno.lifetime import tie_forked_children
+
+    tie_forked_children()  # helper processes die with this one, even on SIGKILL
     from megatron_geno.cli import quiet_megatron_import_warnings
 
     quiet_megatron_import_warnings()
@@ -81,7 +91,8 @@ def main(argv=None) -> int:
             from checkpoint_tools.to_hf import mcore_to_hf
 
             out = mcore_to_hf(args.checkpoint, args.out, args.dtype, args.shard_size,
-                              args.iteration, progress=tqdm)
+                              args.iteration, progress=tqdm,
+                              verify_checksums=args.verify_checksums)
             print(f"wrote {out}")
         elif args.command == "from-hf":
             from checkpoint_tools.from_hf import hf_to_mcore
@@ -90,11 +101,12 @@ def main(argv=None) -> int:
             print(f"wrote {out}; continue with: geno-train --config {out}/model.yaml "
                   f"checkpoint.load={out}")
         elif args.command == "inspect":
-            inspect_checkpoint(args.checkpoint, args.iteration)
+            inspect_checkpoint(args.checkpoint, args.iteration, args.verify_checksums)
         else:
             from checkpoint_tools.verify import verify
 
-            result = verify(args.checkpoint, args.hf, args.tokens, args.iteration)
+            result = verify(args.checkpoint, args.hf, args.tokens, args.iteration,
+                            verify_checksums=args.verify_checksums)
             ok = result.max_abs_logit_diff <= args.threshold
             print(f"tokens {result.tokens}  max |logit diff| {result.max_abs_logit_diff:.3e}  "
                   f"router top-k agreement {result.router_topk_agreement:.4f}  "

@@ -4,32 +4,72 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
-from checkpoint_tools.mapping import CURRENT_HF_NAMES, RULES, hf_names, merge_qkv
+from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, current_hf_shapes, hf_names,
+                                     hf_shapes, merge_qkv)
 from checkpoint_tools.mcore_checkpoint import ConversionError
+from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from checkpoint_tools.torch_dist_writer import TorchDistWriter
+from megatron_geno.checkpoint_trust import seal
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.presets import PRESETS
 
 
+# config.json keys a Mixtral config must carry, with their checks (value -> ok)
+_REQUIRED_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_local_experts",
+                  "num_experts_per_tok", "intermediate_size", "vocab_size")
+_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_OPTIONAL_FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "router_aux_loss_coef")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def read_hf_config(hf_dir: Path) -> dict:
+    """Returns config.json after checking every key the import uses (ConversionError naming it)."""
     path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise ConversionError(f"--hf {hf_dir} is not a directory")
     try:
         config = json.loads(path.read_text())
     except OSError as err:
         raise ConversionError(f"cannot read {path}: {err.strerror}") from err
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} is not a JSON object")
     if config.get("model_type") != "mixtral":
         raise ConversionError(
             f"{path}: model_type {config.get('model_type')!r} is not a Mixtral architecture "
             f"(architectures: {config.get('architectures')})"
         )
+    for key in _REQUIRED_KEYS:
+        if key not in config:
+            raise ConversionError(f"{path} lacks the Mixtral key {key!r}")
+        if not _positive_int(config[key]):
+            raise ConversionError(f"{path}: {key} must be a positive integer, got {config[key]!r}")
+    for key in _OPTIONAL_INT_KEYS:
+        if config.get(key) is not None and not _positive_int(config[key]):
+            raise ConversionError(f"{path}: {key} must be a positive integer, got {config[key]!r}")
+    for key in _OPTIONAL_FLOAT_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value >= 0 or value != value):
+            raise ConversionError(f"{path}: {key} must be a non-negative number, got {value!r}")
+    heads, groups = config["num_attention_heads"], config.get("num_key_value_heads") or \
+        config["num_attention_heads"]
+    if heads % groups:
+        raise ConversionError(f"{path}: num_attention_heads={heads} is not divisible by "
+                              f"num_key_value_heads={groups}")
+    if config["num_experts_per_tok"] > config["num_local_experts"]:
+        raise ConversionError(f"{path}: num_experts_per_tok={config['num_experts_per_tok']} "
+                              f"exceeds num_local_experts={config['num_local_experts']}")
     if config.get("sliding_window"):
         raise ConversionError(f"{path}: sliding_window={config['sliding_window']} is not supported")
     if config.get("hidden_act", "silu") != "silu":
@@ -62,18 +102,32 @@ def model_config_from_hf(config: dict) -> ModelConfig:
 
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+WEIGHT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+_PLAIN_FILE = re.compile(r"^[A-Za-z0-9_.\-]+\.safetensors$")
 
 
 class SafetensorsDir:
     """The tensors of a (sharded) safetensors directory, read one at a time with plain reads.
 
-    No mmap: mapped pages a conversion has touched would stay in its resident memory.
+    No mmap: mapped pages a conversion has touched would stay in its resident memory. Every
+    header is checked on opening (dtypes, shapes, byte ranges inside the file), and the index
+    may name only files inside the directory.
     """
 
     def __init__(self, hf_dir: Path) -> None:
         index = hf_dir / "model.safetensors.index.json"
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise ValueError("weight_map is not a mapping of names to files")
+            except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+                raise ConversionError(f"{index} is not a safetensors index ({err})") from None
+            for name, file in weight_map.items():
+                if not _PLAIN_FILE.match(file):
+                    raise ConversionError(f"{index}: tensor {name} names file {file!r}, which is "
+                                          f"not a .safetensors file inside {hf_dir}")
         elif (hf_dir / "model.safetensors").exists():
             weight_map = None
         else:
@@ -82,7 +136,7 @@ class SafetensorsDir:
         self.where: dict[str, tuple] = {}
         for name in files:
             path = hf_dir / name
-            if not path.exists():
+            if not path.is_file():
                 raise ConversionError(f"{hf_dir}: shard {name} listed in the index is missing")
             self.where.update(self._read_header(path))
         if weight_map:
@@ -99,26 +153,53 @@ class SafetensorsDir:
                 if not 0 < length <= size - 8:
                     raise ValueError("bad header length")
                 header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (ValueError, UnicodeDecodeError) as err:
             raise ConversionError(f"{path} is not a readable safetensors file ({err})") from err
         entries = {}
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            begin, end = info["data_offsets"]
+            try:
+                dtype, shape = info["dtype"], info["shape"]
+                begin, end = info["data_offsets"]
+                if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0
+                                                        for d in shape)):
+                    raise ValueError(f"shape {shape!r}")
+                if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+                    raise ValueError(f"data_offsets {info['data_offsets']!r}")
+            except (KeyError, TypeError, ValueError) as err:
+                raise ConversionError(f"{path}: tensor {name} has a malformed header entry "
+                                      f"({err})") from None
+            if dtype not in SAFETENSORS_DTYPES:
+                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            torch_dtype = SAFETENSORS_DTYPES[dtype]
+            numel = 1
+            for dim in shape:
+                numel *= dim
+            if end - begin != numel * torch.tensor([], dtype=torch_dtype).element_size():
+                raise ConversionError(f"{path}: tensor {name} holds {end - begin} bytes, its shape "
+                                      f"{shape} and dtype {dtype} need {numel} elements")
             if 8 + length + end > size:
                 raise ConversionError(
                     f"{path} is not a readable safetensors file (tensor {name} extends past the "
                     f"end of the file: truncated?)"
                 )
-            if info["dtype"] not in SAFETENSORS_DTYPES:
-                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            entries[name] = (path, 8 + length + begin, end - begin,
-                             SAFETENSORS_DTYPES[info["dtype"]], info["shape"])
+            entries[name] = (path, 8 + length + begin, end - begin, torch_dtype, shape)
         return entries
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.where[name][4])
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.where[name][3]
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
@@ -130,6 +211,54 @@ class SafetensorsDir:
         if len(data) != length:
             raise ConversionError(f"{path}: tensor {name} is truncated")
         return torch.frombuffer(data, dtype=dtype).reshape(shape) if length else torch.empty(shape, dtype=dtype)
+
+
+def _inputs_of(rule, st: SafetensorsDir, model: ModelConfig, layer) -> dict[str, tuple]:
+    """The HF tensors (name -> expected shape) the import reads for one rule and layer."""
+    if rule.per == "model":
+        return dict(zip(hf_names(rule), hf_shapes(rule, model)))
+    current = current_hf_shapes(model)
+    if rule.per == "layer" and rule.mcore.endswith("router.weight"):
+        classic = hf_names(rule, layer)[0]
+        if classic in st:
+            return {classic: hf_shapes(rule, model)[0]}
+        return {CURRENT_HF_NAMES["router"].format(layer=layer): current["router"]}
+    if rule.per == "layer":
+        return dict(zip(hf_names(rule, layer), hf_shapes(rule, model)))
+    kind = "gate_up" if rule.layout == "fc1" else "down"
+    fused = CURRENT_HF_NAMES[kind].format(layer=layer)
+    if fused in st and hf_names(rule, layer, 0)[0] not in st:
+        return {fused: current[kind]}
+    wanted = {}
+    for expert in range(model.num_experts):
+        wanted.update(zip(hf_names(rule, layer, expert), hf_shapes(rule, model)))
+    return wanted
+
+
+def check_hf_tensors(hf_dir: Path, st: SafetensorsDir, model: ModelConfig) -> None:
+    """Checks every tensor the import reads against config.json before anything is written.
+
+    Each must exist with the shape the config implies and a floating-point dtype; a tensor the
+    import would not read (other than rotary caches) has no place in a Genos model and is refused.
+    """
+    wanted: dict[str, tuple] = {}
+    for rule in RULES:
+        for layer in [None] if rule.per == "model" else range(model.num_layers):
+            wanted.update(_inputs_of(rule, st, model, layer))
+    for name, shape in wanted.items():
+        if name not in st:
+            raise ConversionError(f"{hf_dir}: tensor {name} is missing")
+        if st.shape(name) != tuple(shape):
+            raise ConversionError(
+                f"{hf_dir}: tensor {name} has shape {list(st.shape(name))}, config.json implies "
+                f"{list(shape)}" + (" (vocab_size)" if "embed" in name or "lm_head" in name else ""))
+        if st.dtype(name) not in WEIGHT_DTYPES:
+            raise ConversionError(f"{hf_dir}: tensor {name} has dtype {st.dtype(name)}, not a "
+                                  f"floating-point weight")
+    extra = [n for n in st.names() if n not in wanted and not n.endswith("rotary_emb.inv_freq")]
+    if extra:
+        raise ConversionError(f"{hf_dir}: tensor {extra[0]} has no place in a Genos (Mixtral) "
+                              f"model" + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
 def layer_tensor(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> torch.Tensor:
@@ -158,61 +287,85 @@ def gather_experts(rule, st: SafetensorsDir, model: ModelConfig, layer: int) -> 
     return torch.stack(experts)
 
 
-def tokenizer_spec(hf_dir: Path) -> str:
-    """Returns data.tokenizer for the imported model: geno when the ids are ours, else the dir."""
-    config_path = hf_dir / "tokenizer_config.json"
+def tokenizer_spec(hf_dir: Path, vocab_size: int) -> str:
+    """Returns data.tokenizer for the imported model: geno when the ids are ours, else the dir.
+
+    Refuses a vocabulary smaller than the tokenizer's (ids the embedding could not hold).
+    """
+    from megatron_geno.tokenizer import VOCAB_SIZE
+
+    config_path, tokenizer_path = hf_dir / "tokenizer_config.json", hf_dir / "tokenizer.json"
+    policy = None
     if config_path.exists():
-        policy = json.loads(config_path.read_text()).get("geno_soft_mask")
-        if policy in ("upper", "keep"):
-            return "geno" if policy == "upper" else "geno:keep"
-    if (hf_dir / "tokenizer.json").exists():
-        return str(hf_dir.resolve())
-    return "geno"
+        try:
+            policy = json.loads(config_path.read_text()).get("geno_soft_mask")
+        except (OSError, ValueError, AttributeError, UnicodeDecodeError) as err:
+            raise ConversionError(f"{config_path} is not a JSON object ({err})") from None
+    if policy in ("upper", "keep"):
+        spec, needed = ("geno" if policy == "upper" else "geno:keep"), VOCAB_SIZE
+    elif tokenizer_path.exists():
+        spec = str(hf_dir.resolve())
+        try:
+            from tokenizers import Tokenizer
+
+            needed = Tokenizer.from_file(str(tokenizer_path)).get_vocab_size()
+        except ImportError:  # the [hf] extra is absent: geno-train checks it when it loads
+            needed = 0
+        except Exception as err:  # tokenizers raises its own exception type
+            raise ConversionError(f"{tokenizer_path} is not a readable tokenizer "
+                                  f"({str(err)[:200]})") from None
+    else:
+        spec, needed = "geno", VOCAB_SIZE
+    if vocab_size < needed:
+        raise ConversionError(f"{hf_dir / 'config.json'}: vocab_size={vocab_size} is smaller than "
+                              f"the tokenizer's {needed} ids")
+    return spec
 
 
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, progress=None) -> Path:
     """Writes OUT/iter_0000000 (weights only) + OUT/latest + OUT/model.yaml; returns OUT.
 
-    Holds one layer of one tensor at a time (TorchDistWriter). Writes into OUT.tmp and renames
-    it to OUT when complete.
+    Checks config.json and every tensor's name, shape and dtype before writing anything; holds
+    one layer of one tensor at a time (TorchDistWriter); writes into a fresh temporary directory
+    and renames it to OUT when complete and sealed with checksums.
     """
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output directory {out} exists and is not empty")
+    check_out(out)
     config = read_hf_config(hf_dir)
     model = model_config_from_hf(config)
     st = SafetensorsDir(hf_dir)
     if config.get("tie_word_embeddings") and "lm_head.weight" not in st:
         raise ConversionError(f"{hf_dir}: tied embeddings; Genos keeps input and output separate")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ckpt = tmp / "iter_0000000"
-    writer = TorchDistWriter(ckpt)
-    layers = model.num_layers
-    steps = [(rule, layer) for rule in RULES
-             for layer in ([None] if rule.per == "model" else range(layers))]
-    for rule, layer in progress(steps, desc="tensors") if progress else steps:
-        if layer is None:
-            tensor = st.get(hf_names(rule)[0])
-            writer.add(rule.mcore, tensor, (0,) * tensor.dim(), tuple(tensor.shape))
-            continue
-        tensor = layer_tensor(rule, st, model, layer)  # one layer in memory at a time
-        shape = (layers, *tensor.shape)
-        if rule.per == "layer":
-            writer.add(rule.mcore, tensor[None], (layer,) + (0,) * tensor.dim(), shape)
-        else:  # one chunk per (layer, expert), as geno-train stores experts
-            for expert in range(tensor.shape[0]):
-                writer.add(rule.mcore, tensor[expert][None, None],
-                           (layer, expert) + (0,) * (tensor.dim() - 1), shape)
-    cfg = TrainConfig(model=model)
-    cfg.data.tokenizer = tokenizer_spec(hf_dir)
-    writer.finish({"model_config": dataclasses.asdict(model), "weights_only": True,
-                   "imported_from": str(hf_dir.resolve())})
-    (ckpt / "config.yaml").write_text(cfg.to_yaml())
-    model_yaml = {"model": dataclasses.asdict(model), "data": {"tokenizer": cfg.data.tokenizer}}
-    (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
-    (tmp / "latest").write_text("0\n")
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    check_hf_tensors(hf_dir, st, model)
+    tokenizer = tokenizer_spec(hf_dir, model.padded_vocab_size)
+
+    def write(tmp: Path) -> None:
+        ckpt = tmp / "iter_0000000"
+        writer = TorchDistWriter(ckpt)
+        layers = model.num_layers
+        steps = [(rule, layer) for rule in RULES
+                 for layer in ([None] if rule.per == "model" else range(layers))]
+        for rule, layer in progress(steps, desc="tensors") if progress else steps:
+            if layer is None:
+                tensor = st.get(hf_names(rule)[0])
+                writer.add(rule.mcore, tensor, (0,) * tensor.dim(), tuple(tensor.shape))
+                continue
+            tensor = layer_tensor(rule, st, model, layer)  # one layer in memory at a time
+            shape = (layers, *tensor.shape)
+            if rule.per == "layer":
+                writer.add(rule.mcore, tensor[None], (layer,) + (0,) * tensor.dim(), shape)
+            else:  # one chunk per (layer, expert), as geno-train stores experts
+                for expert in range(tensor.shape[0]):
+                    writer.add(rule.mcore, tensor[expert][None, None],
+                               (layer, expert) + (0,) * (tensor.dim() - 1), shape)
+        cfg = TrainConfig(model=model)
+        cfg.data.tokenizer = tokenizer
+        writer.finish({"model_config": dataclasses.asdict(model), "weights_only": True,
+                       "imported_from": str(hf_dir.resolve())})
+        seal(ckpt)
+        (ckpt / "config.yaml").write_text(cfg.to_yaml())
+        model_yaml = {"model": dataclasses.asdict(model), "data": {"tokenizer": tokenizer}}
+        (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
+        (tmp / "latest").write_text("0\n")
+
+    return write_into_new_dir(out, write)

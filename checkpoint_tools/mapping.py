@@ -100,3 +100,35 @@ def to_hf_tensors(rule: Rule, tensor: torch.Tensor, model) -> list[torch.Tensor]
     if rule.layout == "fc1":
         return split_fc1(tensor)
     return [tensor]
+
+
+def mcore_slice_shape(rule: Rule, model) -> tuple[int, ...]:
+    """The shape of one stored slice of a rule's key (one layer, or one expert of a layer)."""
+    h, heads, groups, hd = (model.hidden_size, model.num_attention_heads, model.num_query_groups,
+                            model.head_dim())
+    vocab, ffn = model.padded_vocab_size, model.moe_ffn_hidden_size
+    shapes = {
+        "embedding.word_embeddings.weight": (vocab, h),
+        "decoder.final_layernorm.weight": (h,),
+        "output_layer.weight": (vocab, h),
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": (h,),
+        "decoder.layers.self_attention.linear_qkv.weight": ((heads + 2 * groups) * hd, h),
+        "decoder.layers.self_attention.linear_proj.weight": (h, heads * hd),
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": (h,),
+        "decoder.layers.mlp.router.weight": (model.num_experts, h),
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight": (2 * ffn, h),
+        "decoder.layers.mlp.experts.experts.linear_fc2.weight": (h, ffn),
+    }
+    return shapes[rule.mcore]
+
+
+def hf_shapes(rule: Rule, model) -> list[tuple[int, ...]]:
+    """The HuggingFace (classic name) shapes a rule produces for one layer / expert."""
+    stored = torch.empty(mcore_slice_shape(rule, model), device="meta")
+    return [tuple(t.shape) for t in to_hf_tensors(rule, stored, model)]
+
+
+def current_hf_shapes(model) -> dict[str, tuple[int, ...]]:
+    """The shapes of transformers >= 5's fused expert and router tensors (per layer)."""
+    e, h, ffn = model.num_experts, model.hidden_size, model.moe_ffn_hidden_size
+    return {"router": (e, h), "gate_up": (e, 2 * ffn, h), "down": (e, h, ffn)}

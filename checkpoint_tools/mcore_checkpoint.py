@@ -10,7 +10,8 @@ from typing import Optional
 
 import torch
 
-from megatron_geno.checkpointing import CheckpointError, resolve_checkpoint_dir
+from megatron_geno import checkpoint_trust as trust
+from megatron_geno.checkpointing import CheckpointError, open_for_loading, resolve_checkpoint_dir
 from megatron_geno.config import ModelConfig
 
 
@@ -59,7 +60,6 @@ class McoreCheckpoint:
         megatron-core 0.16.1 cannot load part of a stored key from one process (it checks that
         the request covers every stored fragment), so the unit of reading is one key.
         """
-        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         if key not in self.shapes:
@@ -67,11 +67,9 @@ class McoreCheckpoint:
         data = torch.empty(self.shapes[key], dtype=self.dtypes[key])
         request = {key: ShardedTensor.from_rank_offsets(key, data, replica_id=0)}
         try:
-            loaded = dist_checkpointing.load(request, str(self.path), validate_access_integrity=False)
-        except Exception as err:
-            raise ConversionError(
-                f"cannot read tensor {key} from {self.path}: {str(err).splitlines()[0][:300]}"
-            ) from err
+            loaded = trust.trusted_load(request, self.path, validate_access_integrity=False)
+        except CheckpointError as err:
+            raise ConversionError(f"cannot read tensor {key}: {err}") from err
         return loaded[key]
 
 
@@ -83,13 +81,12 @@ class McoreCheckpoint:
         stores stacked layers as separate chunks, so one layer costs one layer's memory.
         Falls back to ``read(key)[layer]`` for a storage layout this reader does not know.
         """
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
         if key not in self.shapes:
             raise ConversionError(f"{self.path}: tensor {key} is missing from the checkpoint")
         if self._dcp_metadata is None:
-            self._dcp_metadata = FileSystemReader(str(self.path)).read_metadata()
+            self._dcp_metadata = trust.read_dcp_metadata(self.path)
         metadata = self._dcp_metadata
         chunks = metadata.state_dict_metadata[key].chunks
         out = torch.empty(self.shapes[key][1:], dtype=self.dtypes[key])
@@ -101,9 +98,14 @@ class McoreCheckpoint:
             info = metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
             if info is None or getattr(info, "transform_descriptors", None):
                 return self.read(key)[layer]
-            with (self.path / info.relative_path).open("rb") as f:
+            with (self.path / info.relative_path).open("rb") as f:  # a checked plain name
                 f.seek(info.offset)
-                data = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+                raw = f.read(info.length)
+            if len(raw) != info.length:
+                raise ConversionError(f"{self.path / info.relative_path}: tensor {key} is "
+                                      f"truncated")
+            data = trust.weights_only_load(io.BytesIO(raw), f"{self.path / info.relative_path}: "
+                                            f"tensor {key}")
             region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets[1:], chunk.sizes[1:]))
             out[region] = data[layer - first]
             filled += data[layer - first].numel()
@@ -112,20 +114,20 @@ class McoreCheckpoint:
         return out
 
 
-def open_checkpoint(path: str | Path, iteration: Optional[int] = None) -> McoreCheckpoint:
-    """Returns the checkpoint's common state and tensor shapes (reads no tensor data)."""
-    from megatron.core import dist_checkpointing
+def open_checkpoint(path: str | Path, iteration: Optional[int] = None,
+                    verify_checksums: bool = True) -> McoreCheckpoint:
+    """Returns the checkpoint's common state and tensor shapes (reads no tensor data).
 
+    The checkpoint passes the trust boundary first: restricted metadata, then (unless
+    verify_checksums is False) every stored byte against its checksum.
+    """
     init_single_process()
     try:
         ckpt = resolve_checkpoint_dir(path, iteration)
+        common = open_for_loading(ckpt, verify_checksums)
+        metadata = trust.read_tensors_metadata(ckpt)
     except CheckpointError as err:
         raise ConversionError(str(err)) from err
-    try:
-        common = dist_checkpointing.load_common_state_dict(str(ckpt))
-        metadata = dist_checkpointing.load_tensors_metadata(str(ckpt))
-    except Exception as err:
-        raise ConversionError(f"checkpoint {ckpt} is corrupt: {str(err).splitlines()[0][:300]}") from err
     shapes = {k: tuple(v.global_shape) for k, v in metadata.items() if hasattr(v, "global_shape")}
     dtypes = {k: v.dtype for k, v in metadata.items() if hasattr(v, "global_shape")}
     return McoreCheckpoint(ckpt, common, shapes, dtypes)

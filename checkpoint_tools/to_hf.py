@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -13,6 +12,7 @@ import yaml
 from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
 from checkpoint_tools.mapping import RULES, hf_names, to_hf_tensors
 from checkpoint_tools.mcore_checkpoint import ConversionError, McoreCheckpoint, open_checkpoint
+from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from megatron_geno.config import ModelConfig
 from megatron_geno.tokenizer import BOS, EOD, PAD
 
@@ -178,38 +178,37 @@ def tokenizer_policy(ckpt: McoreCheckpoint) -> str:
 
 
 def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
-                shard_size: str = "5GB", iteration: Optional[int] = None, progress=None) -> Path:
+                shard_size: str = "5GB", iteration: Optional[int] = None, progress=None,
+                verify_checksums: bool = True) -> Path:
     """Writes a HuggingFace Mixtral directory from a geno-train checkpoint; returns its path.
 
     Reads one layer of one stored tensor at a time and streams it to disk (peak memory: one
-    layer's expert fc1, or the embedding, whatever the shard size). Writes into OUT.tmp and
-    renames it to OUT when complete.
+    layer's expert fc1, or the embedding, whatever the shard size). Writes into a fresh
+    temporary directory beside OUT and renames it to OUT when complete.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConversionError(f"output directory {out} exists and is not empty")
-    ckpt = open_checkpoint(checkpoint, iteration)
+    check_out(out)
+    max_bytes = parse_size(shard_size)
+    ckpt = open_checkpoint(checkpoint, iteration, verify_checksums)
     model = ckpt.model
     check_representable(ckpt, model)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp, plan_tensors(ckpt, model), DTYPES[dtype], parse_size(shard_size))
-    steps = list(conversion_order(model))
-    current = (None, None, None)  # (key, layer, tensor): one layer of one stored key in memory
-    for rule, layer, expert in progress(steps, desc="tensors") if progress else steps:
-        if current[:2] != (rule.mcore, layer):
-            tensor = ckpt.read(rule.mcore) if layer is None else ckpt.read_layer(rule.mcore, layer)
-            current = (rule.mcore, layer, tensor)
-        stored = current[2] if expert is None else current[2][expert]
-        for name, part in zip(hf_names(rule, layer, expert), to_hf_tensors(rule, stored, model)):
-            writer.add(name, part)
-    writer.finish()
-    (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
-    write_hf_tokenizer(tmp, tokenizer_policy(ckpt))
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return out
+    plan = plan_tensors(ckpt, model)
+
+    def write(tmp: Path) -> None:
+        writer = ShardWriter(tmp, plan, DTYPES[dtype], max_bytes)
+        steps = list(conversion_order(model))
+        current = (None, None, None)  # (key, layer, tensor): one layer of one stored key in memory
+        for rule, layer, expert in progress(steps, desc="tensors") if progress else steps:
+            if current[:2] != (rule.mcore, layer):
+                tensor = ckpt.read(rule.mcore) if layer is None else ckpt.read_layer(rule.mcore, layer)
+                current = (rule.mcore, layer, tensor)
+            stored = current[2] if expert is None else current[2][expert]
+            for name, part in zip(hf_names(rule, layer, expert), to_hf_tensors(rule, stored, model)):
+                writer.add(name, part)
+        writer.finish()
+        (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
+        write_hf_tokenizer(tmp, tokenizer_policy(ckpt))
+
+    return write_into_new_dir(out, write)

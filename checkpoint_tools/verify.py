@@ -27,7 +27,8 @@ def dna_tokens(length: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(ids).long()[None]
 
 
-def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Tensor):
+def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Tensor,
+                    verify_checksums: bool = True):
     """Returns (logits [1, s, V], per-layer routing maps) from the checkpoint at TP=PP=EP=1."""
     from megatron.core.transformer.moe.router import TopKRouter
 
@@ -37,7 +38,7 @@ def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Te
     from megatron_geno.model import build_gpt_model
     from megatron_geno.tokenizer import VOCAB_SIZE
 
-    ckpt = open_checkpoint(checkpoint, iteration)
+    ckpt = open_checkpoint(checkpoint, iteration, verify_checksums)
     cfg = TrainConfig(model=ckpt.model, precision="fp32")
     distributed.initialize(cfg.parallel, seed=0)
     model = build_gpt_model(cfg, VOCAB_SIZE)
@@ -88,10 +89,11 @@ def hf_logits(hf_dir: Path, tokens: torch.Tensor):
 
 
 def verify(checkpoint: str | Path, hf_dir: str | Path, length: int = 2048,
-           iteration: Optional[int] = None, seed: int = 0) -> VerifyResult:
+           iteration: Optional[int] = None, seed: int = 0,
+           verify_checksums: bool = True) -> VerifyResult:
     """Compares fp32 logits and router top-k choices of the two formats on one DNA sequence."""
     tokens = dna_tokens(length, seed)
-    ref, ref_routes = megatron_logits(Path(checkpoint), iteration, tokens)
+    ref, ref_routes = megatron_logits(Path(checkpoint), iteration, tokens, verify_checksums)
     out, out_routes = hf_logits(Path(hf_dir), tokens)
     if ref.shape != out.shape:
         raise ConversionError(f"logit shapes differ: megatron {tuple(ref.shape)} vs HF {tuple(out.shape)}")

@@ -45,7 +45,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--workers", type=int, default=1, help="processes, one assembly each (1)")
     run.add_argument("--task-index", type=int, help="this task's index (default SLURM_ARRAY_TASK_ID)")
     run.add_argument("--num-tasks", type=int, help="number of tasks (default SLURM_ARRAY_TASK_COUNT)")
-    run.add_argument("--force", action="store_true", help="redo finished assemblies")
+    run.add_argument("--force", action="store_true",
+                     help="redo the named assemblies even if finished (also a damaged one)")
+    run.add_argument("--only-listed", action="store_true",
+                     help="the manifest lists only the assemblies named now (default: assemblies "
+                     "of earlier runs in OUT stay in it; their shards are never deleted)")
     run.add_argument("--no-finalize", action="store_true",
                      help="do not write manifest.json (array tasks; run `finalize` at the end)")
     norm = run.add_argument_group("normalisation (recorded in every shard)")
@@ -93,15 +97,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from megatron_geno.lifetime import tie_forked_children
+
+    tie_forked_children()  # helper processes die with this one, even on SIGKILL
     from data_pipeline.fasta import FastaError
     from data_pipeline.manifest import ManifestError
     from data_pipeline.normalise import PolicyError
     from data_pipeline.pipeline import PipelineError
+    from data_pipeline.shard import ShardError
     from data_pipeline.splits import SplitError
 
     try:
         return _dispatch(args)
-    except (FastaError, ManifestError, PolicyError, PipelineError, SplitError) as err:
+    except (FastaError, ManifestError, PolicyError, PipelineError, ShardError, SplitError) as err:
         print(f"geno-preprocess: error: {err}", file=sys.stderr)
         return 2
 
@@ -159,7 +167,7 @@ def _run(args) -> int:
         part_tokens=args.part_size, compression_level=args.compression_level, codec=args.codec)
     mine = task_slice(assemblies, args.task_index, args.num_tasks)
     out = Path(args.out)
-    prepare_out(out, config, assemblies, args.force)
+    prepare_out(out, config, assemblies, args.force, args.only_listed)
     results = run(mine, out, config, args.workers, args.force, args.read_chunk)
     failed = [(name, info["message"]) for name, status, info in results if status == "error"]
     done = {s: sum(1 for _, st, _ in results if st == s) for s in ("written", "skipped")}

@@ -141,8 +141,7 @@ def read_fasta(path: Union[str, Path], chunk_size: int = CHUNK_SIZE,
                 if nl < 0:
                     p = n
                     break
-                fields = header.decode("ascii", "replace").split()
-                yield Header(fields[0] if fields else "", header_offset)
+                yield Header(_header_name(path, header, header_offset), header_offset)
                 in_header, p = False, nl + 1
                 continue
             # '>' is rare, so a memchr-speed find of it beats searching for "\n>"
@@ -164,10 +163,20 @@ def read_fasta(path: Union[str, Path], chunk_size: int = CHUNK_SIZE,
         at_line_start = chunk.endswith(b"\n")
         offset += n
     if in_header:  # a header on the last line without a newline
-        fields = header.decode("ascii", "replace").split()
-        yield Header(fields[0] if fields else "", header_offset)
+        yield Header(_header_name(path, header, header_offset), header_offset)
     if not seen_header:
         raise FastaError(f"{path}: no FASTA header ('>') found; is this a FASTA file?")
+
+
+def _header_name(path: Path, header: bytes, offset: int) -> str:
+    """The record name (up to the first whitespace) of a header line, decoded as UTF-8."""
+    try:
+        fields = bytes(header).decode("utf-8").split()
+    except UnicodeDecodeError as err:
+        raise FastaError(f"{path}: line {line_of_offset(path, offset)}: header is not valid UTF-8 "
+                         f"(byte {bytes(header)[err.start:err.start + 1]!r} at column "
+                         f"{err.start + 2})") from None
+    return fields[0] if fields else ""
 
 
 def line_of_offset(path: Path, offset: int) -> int:

@@ -42,9 +42,11 @@ def read_manifest(path: str | os.PathLike) -> list[Assembly]:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ManifestError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text (byte offset {err.start})") from None
     lines = [(i, line) for i, line in enumerate(text.splitlines(), start=1)
              if line.strip() and not line.startswith("#")]
     if not lines:

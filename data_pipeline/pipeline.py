@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,8 +27,9 @@ from data_pipeline.manifest import Assembly
 from data_pipeline.normalise import (ContigNormaliser, ContigStats, InvalidCharacter,
                                      NormalisationPolicy)
 from data_pipeline.shard import (CHUNK_TOKENS, CODECS, FORMAT_VERSION, SHARD_TOKENS, SPLITS,
-                                 AssemblyWriter, read_attrs)
+                                 AssemblyWriter, ShardError, read_attrs)
 from data_pipeline.splits import SplitRules
+from megatron_geno.files import fsync_path, fsync_tree, write_text_atomic
 from megatron_geno.vocab import TOKENIZER_VERSION, VOCAB
 
 log = logging.getLogger(__name__)
@@ -95,9 +97,7 @@ def assembly_hash(config: PipelineConfig, assembly: Assembly) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, force: bool = False,
@@ -112,15 +112,18 @@ def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, forc
     shards = out / "shards"
     final, tmp = shards / assembly.assembly, shards / f".{assembly.assembly}.tmp"
     wanted = assembly_hash(config, assembly)
-    if final.exists():
-        attrs = read_attrs(final)
-        if attrs.get("assembly_hash") == wanted and not force:
+    if final.exists() and not force:
+        try:
+            attrs = read_attrs(final)
+        except ShardError as err:
+            raise PipelineError(f"{err}: the finished assembly is damaged; rerun with --force "
+                                f"to redo it") from None
+        if attrs.get("assembly_hash") == wanted:
             return {**attrs, "status": "skipped"}
-        if not force:
-            raise PipelineError(
-                f"{final} was written from a different config or input (hash "
-                f"{attrs.get('assembly_hash')} != {wanted}); rerun with --force to redo it or "
-                f"use a new --out")
+        raise PipelineError(
+            f"{final} was written from a different config or input (hash "
+            f"{attrs.get('assembly_hash')} != {wanted}); rerun with --force to redo it or "
+            f"use a new --out")
     if tmp.exists():
         shutil.rmtree(tmp)
     shards.mkdir(parents=True, exist_ok=True)
@@ -199,13 +202,16 @@ def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, forc
         for part in parts:
             for s in SPLITS:
                 per_split[s] += part["split_tokens"][s]
+        fsync_tree(tmp)  # every byte on disk before the rename publishes the group
         if final.exists():  # --force: swap in the new group, then drop the old one
             old = shards / f".{assembly.assembly}.old"
             os.replace(final, old)
             os.replace(tmp, final)
+            fsync_path(shards)
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
+            fsync_path(shards)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -226,23 +232,44 @@ def _stats(s: ContigStats) -> dict:
             "dropped_bases": s.dropped_bases}
 
 
-def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], force: bool) -> None:
-    """Creates OUT and its run.json; refuses a corpus written with another config (unless force)."""
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], force: bool,
+                only_listed: bool = False) -> list[Assembly]:
+    """Creates OUT and its run.json; refuses a corpus written with another config (unless force).
+
+    Assemblies of earlier runs that this run does not name stay in the corpus (and its manifest)
+    unless only_listed. Returns every assembly the corpus now lists.
+    """
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file; name a corpus directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PipelineError(f"--out {out}: cannot create ({err.strerror})") from None
     run_file = out / "run.json"
+    kept: list[Assembly] = []
     if run_file.exists():
         try:
             previous = json.loads(run_file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            earlier = [Assembly(**row) for row in previous.get("assemblies", [])]
+        except (OSError, ValueError, TypeError) as err:
             raise PipelineError(f"{run_file}: unreadable ({err}); remove it or use a new --out")
         if previous.get("config_hash") != config.hash() and not force:
             raise PipelineError(
                 f"{out} holds a corpus made with other options (config hash "
                 f"{previous.get('config_hash')} != {config.hash()}); use the same options, "
                 f"--force to redo it, or a new --out")
+        named = {a.assembly for a in assemblies}
+        unnamed = [a for a in earlier if a.assembly not in named]
+        if unnamed and not only_listed:
+            kept = unnamed
+            log.info("%s keeps %d assemblies of earlier runs that this run does not name (%s%s); "
+                     "--only-listed leaves them out of the manifest", out, len(kept),
+                     ", ".join(a.assembly for a in kept[:3]), ", ..." if len(kept) > 3 else "")
+    listed = kept + list(assemblies)
     _write_json(run_file, {"format_version": FORMAT_VERSION, "config": config.to_dict(),
                            "config_hash": config.hash(),
-                           "assemblies": [a.to_dict() for a in assemblies]})
+                           "assemblies": [a.to_dict() for a in listed]})
+    return listed
 
 
 def finalize(out: Path) -> dict:
@@ -256,7 +283,10 @@ def finalize(out: Path) -> dict:
     for row in run["assemblies"]:
         assembly = Assembly(**row)
         group = out / "shards" / assembly.assembly
-        attrs = read_attrs(group) if (group / "zarr.json").exists() else {}
+        try:
+            attrs = read_attrs(group) if (group / "zarr.json").exists() else {}
+        except ShardError:
+            attrs = {}  # damaged: not finished
         if attrs.get("assembly_hash") != assembly_hash(config, assembly):
             missing.append(assembly.assembly)
             continue
@@ -271,7 +301,9 @@ def finalize(out: Path) -> dict:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise PipelineError(f"{len(missing)} of {len(run['assemblies'])} assemblies are not "
-                            f"finished ({shown}); run the remaining tasks, then finalize")
+                            f"finished ({shown}); run the remaining tasks (or run again with "
+                            f"--only-listed to leave out what this run does not name), then "
+                            f"finalize")
     totals = {"tokens": 0, "documents": 0, "split_tokens": {s: 0 for s in SPLITS},
               "split_documents": {s: 0 for s in SPLITS}}
     for entry in entries:
@@ -294,16 +326,36 @@ def finalize(out: Path) -> dict:
     return manifest
 
 
+_ENTRY_PATH = re.compile(r"^shards/[A-Za-z0-9][A-Za-z0-9._#+-]*$")
+_PART_NAME = re.compile(r"^part-[0-9]{5}$")
+
+
 def read_manifest_json(corpus: Path) -> dict:
-    """Returns a finished corpus's manifest.json; a clear error when it is missing."""
+    """Returns a finished corpus's manifest.json, checked; a clear error when missing or bad.
+
+    Every path it names must stay inside the corpus (shards/<assembly>/part-NNNNN).
+    """
     path = Path(corpus) / "manifest.json"
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise PipelineError(f"{path} does not exist: the corpus is unfinished (run "
                             f"geno-preprocess finalize {corpus}) or not a corpus") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise PipelineError(f"{path}: unreadable ({err})") from None
+    try:
+        for n, entry in enumerate(manifest["assemblies"]):
+            if not isinstance(entry.get("path"), str) or not _ENTRY_PATH.match(entry["path"]):
+                raise PipelineError(f"{path}: assembly {n} has path {entry.get('path')!r}, not "
+                                    f"shards/<assembly> inside the corpus")
+            for part in entry["parts"]:
+                if not isinstance(part.get("name"), str) or not _PART_NAME.match(part["name"]):
+                    raise PipelineError(f"{path}: assembly {entry['path']} names part "
+                                        f"{part.get('name')!r}, not part-NNNNN")
+        manifest["totals"]["split_tokens"]
+    except (KeyError, TypeError, AttributeError) as err:
+        raise PipelineError(f"{path} is not a corpus manifest (missing {err})") from None
+    return manifest
 
 
 _PROGRESS = None  # per process: where progress (bases) goes; set by _worker_init
@@ -328,7 +380,7 @@ def _process_in_worker(args) -> tuple[str, str, dict]:
     try:
         attrs = process_assembly(assembly, out, config, force, progress, read_chunk)
         return assembly.assembly, attrs["status"], {"stats": attrs["stats"]}
-    except (FastaError, PipelineError) as err:
+    except (FastaError, PipelineError, ShardError) as err:
         return assembly.assembly, "error", {"message": str(err)}
     except Exception as err:  # noqa: BLE001 - one assembly's bug must not lose the others
         return assembly.assembly, "error", {

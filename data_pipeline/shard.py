@@ -37,6 +37,10 @@ SHARD_TOKENS = 1 << 26
 _EMPTY = np.uint64(2**64 - 1)
 
 
+class ShardError(ValueError):
+    """A damaged or missing shard file; the message names the file (and chunk)."""
+
+
 class _Numcodec:
     """A numcodecs codec as a shard encoder: one call per inner chunk."""
 
@@ -329,21 +333,59 @@ class TokenReader:
         if fd is None:
             if len(self._fds) >= 16:
                 self.close()
-            fd = self._fds[s] = os.open(self.dir / "c" / str(s), os.O_RDONLY)
+            try:
+                fd = self._fds[s] = os.open(self.dir / "c" / str(s), os.O_RDONLY)
+            except OSError as err:
+                raise ShardError(f"{self.dir / 'c' / str(s)}: cannot open ({err.strerror})") from None
         index = self._indices.get(s)
         if index is None:
-            nbytes = per_shard * 16 + 4
-            end = os.fstat(fd).st_size
-            raw = os.pread(fd, nbytes, end - nbytes)
-            index = self._indices[s] = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+            index = self._indices[s] = self._read_index(fd, s, per_shard)
         offset, nbytes = index[local]
         if offset == _EMPTY:
             data = np.full(min(chunk, self.size - c * chunk), self.layout[2], dtype=np.uint8)
         else:
             data = np.empty(chunk, dtype=np.uint8)
-            self._decoder.decode(os.pread(fd, int(nbytes), int(offset)), out=data)
+            raw = os.pread(fd, int(nbytes), int(offset))
+            try:
+                if len(raw) != int(nbytes):
+                    raise ValueError(f"{len(raw)} of {int(nbytes)} bytes")
+                self._decoder.decode(raw, out=data)
+            except Exception as err:  # each codec raises its own type on damaged bytes
+                raise ShardError(f"{self.dir / 'c' / str(s)}: chunk {local} is damaged "
+                                 f"({type(err).__name__}: {str(err)[:120]})") from None
         self._cached = (c, data)
         return data
+
+    def _read_index(self, fd: int, s: int, per_shard: int) -> np.ndarray:
+        """The shard file's chunk index, checked: its crc32c and every chunk inside the file."""
+        path = self.dir / "c" / str(s)
+        nbytes = per_shard * 16 + 4
+        end = os.fstat(fd).st_size
+        if end < nbytes:
+            raise ShardError(f"{path}: {end} bytes, shorter than its own index (truncated)")
+        raw = os.pread(fd, nbytes, end - nbytes)
+        if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise ShardError(f"{path}: the chunk index fails its crc32c (damaged or truncated)")
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(-1, 2)
+        used = index[:, 0] != _EMPTY
+        if np.any(index[used, 0] + index[used, 1] > end - nbytes):
+            raise ShardError(f"{path}: the chunk index points past the data (truncated?)")
+        return index
+
+    def check(self) -> None:
+        """Reads and checks every shard file's index (ShardError on damage); no chunk decoded."""
+        if self._array is not None:
+            return
+        shard, chunk = self.layout[:2]
+        for s in range(-(-self.size // shard)):
+            try:
+                fd = os.open(self.dir / "c" / str(s), os.O_RDONLY)
+            except OSError as err:
+                raise ShardError(f"{self.dir / 'c' / str(s)}: cannot open ({err.strerror})") from None
+            try:
+                self._read_index(fd, s, shard // chunk)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -362,17 +404,35 @@ class Part:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        group = zarr.open_group(str(self.path), mode="r")
-        self.doc_offsets = group["doc_offsets"][:]
-        self.doc_contig = group["doc_contig"][:]
-        self.doc_source_start = group["doc_source_start"][:]
-        self.doc_split = group["doc_split"][:]
-        self.tokens = TokenReader(self.path / "tokens")
+        try:
+            group = zarr.open_group(str(self.path), mode="r")
+            self.doc_offsets = group["doc_offsets"][:]
+            self.doc_contig = group["doc_contig"][:]
+            self.doc_source_start = group["doc_source_start"][:]
+            self.doc_split = group["doc_split"][:]
+            self.tokens = TokenReader(self.path / "tokens")
+        except ShardError:
+            raise
+        except Exception as err:  # zarr's errors on missing or damaged files vary
+            raise ShardError(f"{self.path}: damaged or incomplete part ({type(err).__name__}: "
+                             f"{str(err)[:160]})") from None
 
     def document(self, i: int) -> np.ndarray:
         return self.tokens.read(int(self.doc_offsets[i]), int(self.doc_offsets[i + 1]))
 
 
 def read_attrs(path: Path) -> dict:
-    """Returns a zarr group's attributes (plain JSON read; no zarr machinery)."""
-    return json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {})
+    """Returns a zarr group's attributes (plain JSON read; no zarr machinery).
+
+    ShardError naming the file when it is missing or damaged.
+    """
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+    except FileNotFoundError:
+        raise ShardError(f"{meta} is missing") from None
+    except (OSError, ValueError, AttributeError) as err:
+        raise ShardError(f"{meta} is damaged ({type(err).__name__}: {str(err)[:120]})") from None
+    if not isinstance(attrs, dict):
+        raise ShardError(f"{meta} is damaged (attributes are not a mapping)")
+    return attrs

@@ -3,12 +3,18 @@
 Layout of a save directory::
 
     SAVE/iter_0000010/        a megatron-core distributed checkpoint (torch_dist)
-    SAVE/iter_0000010/config.yaml   the full resolved training config
+    SAVE/iter_0000010/config.yaml     the full resolved training config
+    SAVE/iter_0000010/checksums.json  CRC32C of every stored item (megatron_geno.checkpoint_trust)
     SAVE/latest               the newest complete iteration (written last, atomically)
 
-A checkpoint is written to ``iter_N.tmp`` and renamed when every rank has finished, so a killed
-run never leaves a directory that looks complete. The optimizer is saved in megatron-core's
-``fully_reshardable`` format, so a checkpoint saved at one TP/PP/EP loads at another.
+A checkpoint is written to ``iter_N.tmp``, sealed with its checksums and renamed when every rank
+has finished, so a killed run never leaves a directory that looks complete. Re-saving an
+iteration moves the old one aside (``iter_N.replaced``) and removes it only once the new one is
+in place: a kill at any moment leaves a complete checkpoint to resume from. A start whose
+``latest`` is damaged says so and resumes from the newest complete checkpoint. Every read goes
+through the trust boundary (restricted unpickling, checksums). The optimizer is saved in
+megatron-core's ``fully_reshardable`` format, so a checkpoint saved at one TP/PP/EP loads at
+another.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +32,15 @@ import torch
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_geno import checkpoint_trust as trust
+from megatron_geno.checkpoint_trust import CheckpointError
 from megatron_geno.config import ModelConfig, TrainConfig
+from megatron_geno.files import fsync_path, fsync_tree, write_text_atomic
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
+           "resolve_checkpoint_dir", "resume_target", "read_common"]
 
 # Fields that must agree between a checkpoint and the model that loads it.
 ARCHITECTURE_FIELDS = [
@@ -35,10 +48,7 @@ ARCHITECTURE_FIELDS = [
     "num_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_router_pre_softmax",
     "padded_vocab_size",
 ]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt or does not match the model."""
+_ITER_DIR = re.compile(r"^iter_(\d{7})(\.replaced)?$")
 
 
 @dataclass
@@ -52,14 +62,60 @@ def iteration_dir(save: str | Path, iteration: int) -> Path:
 
 
 def latest_iteration(directory: str | Path) -> Optional[int]:
-    """Returns the iteration in DIR/latest, or None when DIR holds no complete checkpoint."""
+    """Returns the iteration in DIR/latest, or None when DIR has no such file."""
     marker = Path(directory) / "latest"
     if not marker.exists():
         return None
-    text = marker.read_text().strip()
+    text = marker.read_text(errors="replace").strip()
     if not text.isdigit():
-        raise CheckpointError(f"{marker} is corrupt: expected an iteration number, found {text!r}")
+        raise CheckpointError(f"{marker} is corrupt: expected an iteration number, found {text[:40]!r}")
     return int(text)
+
+
+def complete_checkpoints(save: str | Path) -> list[Path]:
+    """The structurally complete checkpoints under SAVE, newest iteration first.
+
+    ``iter_N.replaced`` (the previous copy of an iteration being re-saved) counts when
+    ``iter_N`` itself is not complete.
+    """
+    found: dict[int, Path] = {}
+    save = Path(save)
+    if not save.is_dir():
+        return []
+    for entry in sorted(save.iterdir(), key=lambda p: p.name):  # iter_N before iter_N.replaced
+        match = _ITER_DIR.match(entry.name)
+        if not match or int(match.group(1)) in found:
+            continue
+        if trust.structural_fault(entry) is None:
+            found[int(match.group(1))] = entry
+    return [found[i] for i in sorted(found, reverse=True)]
+
+
+def resume_point(save: str | Path) -> Optional[Path]:
+    """Returns the checkpoint a run saving to SAVE resumes from, None when SAVE holds none.
+
+    That is the one ``latest`` names; when ``latest`` is damaged or names a damaged or missing
+    checkpoint, a warning says so and the newest complete checkpoint is taken instead.
+    """
+    save = Path(save)
+    marker = save / "latest"
+    try:
+        iteration = latest_iteration(save)
+    except CheckpointError as err:
+        iteration, problem = None, str(err)
+    else:
+        if iteration is None:
+            return None
+        problem = trust.structural_fault(iteration_dir(save, iteration))
+        if problem is None:
+            return iteration_dir(save, iteration)
+    candidates = complete_checkpoints(save)
+    if not candidates:
+        raise CheckpointError(f"{marker} names a damaged checkpoint ({problem}) and {save} holds "
+                              f"no other complete checkpoint")
+    log.warning("%s names a damaged checkpoint (%s); resuming from %s, the newest complete "
+                "checkpoint", marker, problem, candidates[0])
+    return candidates[0]
 
 
 def resume_target(cfg: TrainConfig) -> TrainConfig:
@@ -70,31 +126,55 @@ def resume_target(cfg: TrainConfig) -> TrainConfig:
     a later phase is the previous phase's checkpoint, read weights-only.
     """
     c = cfg.checkpoint
-    if not (c.auto_resume and c.save) or latest_iteration(c.save) is None:
+    if not (c.auto_resume and c.save):
+        return cfg
+    point = resume_point(c.save)
+    if point is None:
         return cfg
     if c.load and Path(c.load).resolve() == Path(c.save).resolve() and not c.weights_only:
-        return cfg
-    log.info("resuming from %s (iteration %d); checkpoint.load=%s is not used", c.save,
-             latest_iteration(c.save), c.load)
-    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=c.save,
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point)))
+    log.info("resuming from %s; checkpoint.load=%s is not used", point, c.load)
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point),
                                                                    weights_only=False))
 
 
 def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) -> Path:
-    """Returns the torch_dist directory for a save dir (+ iteration) or an iter_N dir itself."""
+    """Returns the torch_dist directory for a save dir (+ iteration) or an iter_N dir itself.
+
+    Raises CheckpointError when it is missing or structurally incomplete (naming what).
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is not a directory")
     if (path / "metadata.json").exists() and iteration is None:
-        return path
-    if iteration is None:
-        iteration = latest_iteration(path)
-        if iteration is None:
+        ckpt = path
+    elif iteration is None:
+        ckpt = resume_point(path)
+        if ckpt is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (no 'latest' file)")
-    ckpt = iteration_dir(path, iteration)
-    if not (ckpt / "metadata.json").exists():
-        raise CheckpointError(f"checkpoint {ckpt} is missing or incomplete (no metadata.json)")
+    else:
+        ckpt = iteration_dir(path, iteration)
+        replaced = ckpt.with_name(ckpt.name + ".replaced")
+        if not ckpt.exists() and replaced.exists():
+            ckpt = replaced
+    problem = trust.structural_fault(ckpt)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt} cannot be loaded: {problem}")
     return ckpt
+
+
+def open_for_loading(ckpt: Path, verify_checksums: bool = True) -> dict:
+    """Passes CKPT through the trust boundary and returns its common state (common.pt).
+
+    .metadata is read with the restricted unpickler, then (unless skipped) every stored byte is
+    checked against checksums.json, before anything of the checkpoint is used.
+    """
+    trust.read_dcp_metadata(ckpt)
+    if verify_checksums:
+        trust.check_content(ckpt)
+    return read_common(ckpt)
 
 
 def _sharded_rng_state() -> ShardedObject:
@@ -163,6 +243,35 @@ def _model_sharded_state_dict(model) -> dict:
     return _per_chunk(_unwrap(model), lambda chunk: chunk.sharded_state_dict())
 
 
+def _seal(tmp: Path) -> None:
+    """Writes tmp/checksums.json; every rank checksums its share of the data files."""
+    share = (torch.distributed.get_rank(), torch.distributed.get_world_size())
+    mine = trust.compute_checksums(tmp, share)
+    shares: list = [None] * share[1]
+    torch.distributed.all_gather_object(shares, mine)
+    if share[0] == 0:
+        trust.write_checksums(tmp, trust.merge_checksums(shares))
+
+
+def _publish(save: Path, tmp: Path, final: Path, iteration: int) -> None:
+    """Renames a sealed tmp to final and points latest at it, never without a complete copy.
+
+    An existing final (a re-save of the same iteration) is moved aside first and removed only
+    after the new one is in place and latest is written.
+    """
+    fsync_tree(tmp)
+    replaced = final.with_name(final.name + ".replaced")
+    if final.exists():
+        if replaced.exists():  # an earlier re-save was killed after moving aside: final is newer
+            shutil.rmtree(replaced)
+        os.replace(final, replaced)
+    os.replace(tmp, final)
+    fsync_path(save)
+    write_text_atomic(save / "latest", f"{iteration}\n")
+    if replaced.exists():
+        shutil.rmtree(replaced)
+
+
 def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> Path:
     """Saves a complete checkpoint under cfg.checkpoint.save and returns its directory."""
     save = Path(cfg.checkpoint.save)
@@ -170,7 +279,7 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     tmp = final.with_name(final.name + ".tmp")
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this iteration that was killed
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     _allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
@@ -186,24 +295,17 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     }
     dist_checkpointing.save(sharded, str(tmp))
     torch.distributed.barrier()
+    _seal(tmp)
     if rank0:
         (tmp / "config.yaml").write_text(cfg.to_yaml())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        marker_tmp = save / "latest.tmp"
-        marker_tmp.write_text(f"{state.iteration}\n")
-        os.replace(marker_tmp, save / "latest")
+        _publish(save, tmp, final, state.iteration)
     torch.distributed.barrier()
     return final
 
 
 def read_common(ckpt: Path) -> dict:
     """Returns the checkpoint's non-tensor state (common.pt); CheckpointError if unreadable."""
-    try:
-        return dist_checkpointing.load_common_state_dict(str(ckpt))
-    except Exception as err:  # torch.load errors vary by corruption
-        raise CheckpointError(f"checkpoint {ckpt} is corrupt: cannot read common.pt ({err})") from err
+    return trust.read_common(ckpt)
 
 
 def adopt_checkpoint_vocab(cfg: TrainConfig) -> None:
@@ -241,10 +343,7 @@ def apply_model_weights(chunks: list, state: dict, common: dict, ckpt: Path) -> 
 def load_model_weights(chunks: list, ckpt: Path, common: dict) -> None:
     """Loads only the model weights of a torch_dist checkpoint into (unwrapped) GPTModel chunks."""
     request = {"model": model_weights_request(chunks, common)}
-    try:
-        loaded = dist_checkpointing.load(request, str(ckpt))
-    except Exception as err:
-        raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
+    loaded = trust.trusted_load(request, ckpt)
     apply_model_weights(chunks, loaded["model"], common, ckpt)
 
 
@@ -297,7 +396,7 @@ def load_checkpoint(
 ) -> TrainState:
     """Loads cfg.checkpoint.load into model (and optimizer, scheduler, RNG unless weights_only)."""
     ckpt = resolve_checkpoint_dir(cfg.checkpoint.load, iteration)
-    common = read_common(ckpt)
+    common = open_for_loading(ckpt, cfg.checkpoint.verify_checksums)
     if "model_config" in common:
         check_architecture(common["model_config"], cfg.model, ckpt)
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
@@ -320,10 +419,7 @@ def load_checkpoint(
         )
         if same_layout:
             sharded["rng_state"] = _sharded_rng_state()
-    try:
-        loaded = dist_checkpointing.load(sharded, str(ckpt))
-    except Exception as err:
-        raise CheckpointError(f"cannot load checkpoint {ckpt}: {str(err).splitlines()[0]}") from err
+    loaded = trust.trusted_load(sharded, ckpt)
     apply_model_weights(_unwrap(model), loaded["model"], common, ckpt)
     if weights_only:
         log.info("loaded weights from %s (fresh optimizer, schedule and data position)", ckpt)

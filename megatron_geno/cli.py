@@ -62,6 +62,9 @@ def quiet_megatron_import_warnings() -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     quiet_megatron_import_warnings()
+    from megatron_geno.lifetime import tie_forked_children
+
+    tie_forked_children()  # helper processes die with this one, even on SIGKILL
     from megatron_geno.checkpointing import CheckpointError
     from megatron_geno.config import ConfigError, load_config
 
@@ -87,11 +90,18 @@ def main(argv=None) -> int:
     from megatron_geno import distributed
     from megatron_geno.train import train
 
+    from data_pipeline.shard import ShardError
+
     try:
         train(cfg)
     except (ConfigError, CheckpointError) as err:
         print(f"geno-train: error: {err}", file=sys.stderr)
         distributed.destroy()  # every rank meets these alike; no rank is left in a collective
+        return 2
+    except ShardError as err:  # a damaged corpus file, met by the rank that reads it
+        print(f"geno-train: error: {err} (geno-preprocess verify finds such damage)",
+              file=sys.stderr)
+        distributed.destroy()
         return 2
     distributed.finish()
     return 0

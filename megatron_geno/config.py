@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -117,6 +118,9 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
     load: Optional[str] = None
     weights_only: bool = False  # load model weights only: fresh optimizer, schedule and data position
+    # check every stored byte against the checksums written at save before loading (one extra
+    # read of the checkpoint, shared between ranks)
+    verify_checksums: bool = True
     save_on_signal: bool = True
     # resume from `save` when it already holds a checkpoint (a restart or SLURM requeue), in place
     # of `load`: a later phase keeps load=<previous phase> + weights_only and still resumes itself
@@ -238,13 +242,113 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     return cfg
 
 
+INF = math.inf
+# Allowed range of every numeric field: (low, high, low inclusive, high inclusive). A None value
+# is allowed only where the field's default is None. Checked before anything else is built.
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "model.num_layers": (1, INF, True, False),
+    "model.hidden_size": (1, INF, True, False),
+    "model.num_attention_heads": (1, INF, True, False),
+    "model.num_query_groups": (1, INF, True, False),
+    "model.kv_channels": (1, INF, True, False),
+    "model.num_experts": (1, INF, True, False),
+    "model.moe_router_topk": (1, INF, True, False),
+    "model.moe_ffn_hidden_size": (1, INF, True, False),
+    "model.norm_epsilon": (0, 1, False, False),
+    "model.rotary_base": (1, INF, True, False),
+    "model.max_position_embeddings": (1, INF, True, False),
+    "model.make_vocab_size_divisible_by": (1, INF, True, False),
+    "model.padded_vocab_size": (1, INF, True, False),
+    "model.moe_aux_loss_coeff": (0, INF, True, False),
+    "model.moe_z_loss_coeff": (0, INF, True, False),
+    "model.init_method_std": (0, INF, False, False),
+    "parallel.tensor_parallel": (1, INF, True, False),
+    "parallel.pipeline_parallel": (1, INF, True, False),
+    "parallel.virtual_pipeline": (1, INF, True, False),
+    "parallel.context_parallel": (1, INF, True, False),
+    "parallel.expert_parallel": (1, INF, True, False),
+    "parallel.expert_tensor_parallel": (1, INF, True, False),
+    "data.reverse_complement_prob": (0, 1, True, True),
+    "data.seq_length": (2, INF, True, False),
+    "data.micro_batch_size": (1, INF, True, False),
+    "data.global_batch_size": (1, INF, True, False),
+    "data.synthetic_genome_length": (1, INF, True, False),
+    "data.synthetic_seed": (0, 2**63 - 1, True, True),
+    "optimizer.lr": (0, INF, False, False),
+    "optimizer.min_lr": (0, INF, True, False),
+    "optimizer.weight_decay": (0, INF, True, False),
+    "optimizer.adam_beta1": (0, 1, True, False),
+    "optimizer.adam_beta2": (0, 1, True, False),
+    "optimizer.adam_eps": (0, INF, False, False),
+    "optimizer.clip_grad": (0, INF, True, False),
+    "schedule.train_iters": (0, INF, True, False),  # 0: save the initial checkpoint only
+    "schedule.stop_after": (1, INF, True, False),
+    "schedule.warmup_iters": (0, INF, True, False),
+    "schedule.eval_interval": (0, INF, True, False),
+    "schedule.eval_iters": (0, INF, True, False),
+    "schedule.seed": (0, 2**63 - 1, True, True),
+    "checkpoint.save_interval": (0, INF, True, False),
+    "logging.log_interval": (1, INF, True, False),
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "precision": ("auto", "fp32", "bf16"),
+    "data.source": ("synthetic", "zarr", "megatron"),
+    "model.moe_token_dispatcher": ("auto", "alltoall", "allgather"),
+    "model.moe_grouped_gemm": ("auto", "on", "off"),
+    "model.attention_backend": ("auto", "sdpa", "te"),
+    "schedule.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
+}
+
+
+def _describe_range(low, high, low_in, high_in) -> str:
+    if high == INF:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Raises ConfigError naming the first field outside its allowed range or choices."""
+    tree = cfg.to_dict()
+    for key, (low, high, low_in, high_in) in RANGES.items():
+        section, name = key.split(".")
+        value = tree[section][name]
+        default = getattr(type(getattr(cfg, section))(), name)
+        if value is None and default is None:
+            continue
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+              and math.isfinite(value)
+              and (value >= low if low_in else value > low)
+              and (value <= high if high_in else value < high))
+        if not ok:
+            raise ConfigError(f"{key} must be {_describe_range(low, high, low_in, high_in)}"
+                              f"{' and finite' if isinstance(default, float) else ''}, "
+                              f"got {value!r}")
+    for key, allowed in CHOICES.items():
+        section, _, name = key.rpartition(".")
+        value = tree[section][name] if section else tree[name]
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Raises ConfigError for settings that cannot work together."""
-    m, p, d = cfg.model, cfg.parallel, cfg.data
-    for name in ("tensor_parallel", "pipeline_parallel", "virtual_pipeline", "context_parallel",
-                 "expert_parallel"):
-        if getattr(p, name) < 1:
-            raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    """Raises ConfigError for values out of range and settings that cannot work together."""
+    check_ranges(cfg)
+    m, p, d, o = cfg.model, cfg.parallel, cfg.data, cfg.optimizer
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr={o.min_lr:g} must not exceed optimizer.lr={o.lr:g}")
+    if m.moe_router_topk > m.num_experts:
+        raise ConfigError(f"model.moe_router_topk={m.moe_router_topk} must not exceed "
+                          f"model.num_experts={m.num_experts}")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError(f"model.num_attention_heads={m.num_attention_heads} must be divisible "
+                          f"by model.num_query_groups={m.num_query_groups}")
+    if (cfg.schedule.stop_after is not None
+            and cfg.schedule.stop_after > cfg.schedule.train_iters):
+        raise ConfigError(f"schedule.stop_after={cfg.schedule.stop_after} must not exceed "
+                          f"schedule.train_iters={cfg.schedule.train_iters}")
+    if cfg.schedule.eval_interval and cfg.schedule.eval_iters < 1:
+        raise ConfigError(f"schedule.eval_iters must be >= 1 when schedule.eval_interval="
+                          f"{cfg.schedule.eval_interval} (or set schedule.eval_interval=0)")
     if m.num_attention_heads % p.tensor_parallel or m.num_query_groups % p.tensor_parallel:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} and model.num_query_groups="
@@ -269,17 +373,8 @@ def validate(cfg: TrainConfig) -> None:
             f"data.global_batch_size={d.global_batch_size} is not divisible by "
             f"data.micro_batch_size={d.micro_batch_size}"
         )
-    if cfg.precision not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision must be auto, fp32 or bf16, got {cfg.precision!r}")
-    if d.source not in ("synthetic", "zarr", "megatron"):
-        raise ConfigError(f"data.source must be synthetic, zarr or megatron, got {d.source!r}")
-    if not 0.0 <= d.reverse_complement_prob <= 1.0:
-        raise ConfigError(f"data.reverse_complement_prob must be in [0, 1], got "
-                          f"{d.reverse_complement_prob}")
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
-    if m.moe_token_dispatcher not in ("auto", "alltoall", "allgather"):
-        raise ConfigError(f"model.moe_token_dispatcher must be auto, alltoall or allgather, got {m.moe_token_dispatcher!r}")
     if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= cfg.schedule.train_iters:
         raise ConfigError(
             f"schedule.warmup_iters={cfg.schedule.warmup_iters} must be smaller than "

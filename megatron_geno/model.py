@@ -66,8 +66,6 @@ def transformer_config(
     dispatcher = model.moe_token_dispatcher
     if dispatcher == "auto":
         dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
-    if model.moe_grouped_gemm not in ("auto", "on", "off"):
-        raise ConfigError(f"model.moe_grouped_gemm must be auto, on or off, got {model.moe_grouped_gemm!r}")
     grouped = model.moe_grouped_gemm == "on" or (model.moe_grouped_gemm == "auto" and te)
     sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
     if parallel.tensor_parallel > 1 and not sequence_parallel:

@@ -51,7 +51,7 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
 
     (ck / "iter_0000002" / "metadata.json").unlink()  # a half-written checkpoint
     code, err = geno_train_error(tmp_path / "incomplete", "schedule.train_iters=3", load)
-    assert code == 2 and "missing or incomplete" in err
+    assert code == 2 and "metadata.json is missing" in err and "no other complete checkpoint" in err
 
     (ck / "latest").write_text("garbage")
     code, err = geno_train_error(tmp_path / "corrupt", "schedule.train_iters=3", load)

@@ -1,0 +1,77 @@
+"""Durable file publication: the one way this project makes a written file or directory visible.
+
+Everything is written under a temporary name, flushed to disk (fsync), then renamed; the rename is
+made durable by syncing the parent directory. A crash leaves either the old content or the new,
+never a half file under the final name.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flushes a file's or a directory's content (a directory: its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsyncs every file and directory under root (root included)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(directory) / name)
+        fsync_path(directory)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Writes data to path through a unique temporary file beside it, fsynced, then renamed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """write_bytes_atomic for UTF-8 text."""
+    write_bytes_atomic(path, text.encode())
+
+
+def fresh_temp_dir(beside: str | Path) -> Path:
+    """Creates and returns a new, uniquely named directory next to `beside` (same filesystem).
+
+    It is this process's own: only the process that made it removes it.
+    """
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> None:
+    """Makes the complete directory tmp visible as final (fsynced, one rename).
+
+    final must not exist or be an empty directory; anything else raises FileExistsError (a
+    non-empty final is never replaced, even if it appeared while tmp was written).
+    """
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    try:
+        os.rename(tmp, final)  # replaces an empty directory, refuses a non-empty one
+    except OSError as err:
+        if final.exists():
+            raise FileExistsError(f"{final} exists and is not empty") from err
+        raise
+    fsync_path(final.parent)

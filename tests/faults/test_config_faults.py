@@ -1,0 +1,79 @@
+"""Config values (issue 11, item 6): every numeric field has a checked range; a bad value is one
+line naming the key and the range, exit 2, before any model is built."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from megatron_geno.config import CHOICES, RANGES, ConfigError, TrainConfig, load_config
+from tests.faults.helpers import error_line, train
+
+BAD = {
+    "data.seq_length=0": "data.seq_length must be >= 2",
+    "optimizer.lr=-1": "optimizer.lr must be > 0",
+    "optimizer.lr=.nan": "optimizer.lr must be > 0 and finite, got nan",
+    "optimizer.lr=.inf": "optimizer.lr must be > 0 and finite, got inf",
+    "optimizer.min_lr=0.5": "optimizer.min_lr=0.5 must not exceed optimizer.lr=0.001",
+    "data.global_batch_size=0": "data.global_batch_size must be >= 1",
+    "data.micro_batch_size=-2": "data.micro_batch_size must be >= 1",
+    "schedule.train_iters=-1": "schedule.train_iters must be >= 0",
+    "schedule.warmup_iters=-5": "schedule.warmup_iters must be >= 0",
+    "schedule.eval_iters=0": "schedule.eval_iters must be >= 1 when schedule.eval_interval=50",
+    "optimizer.adam_beta2=1.0": "optimizer.adam_beta2 must be in [0, 1)",
+    "optimizer.adam_eps=0": "optimizer.adam_eps must be > 0",
+    "optimizer.clip_grad=-1": "optimizer.clip_grad must be >= 0",
+    "model.norm_epsilon=0": "model.norm_epsilon must be in (0, 1)",
+    "model.moe_router_topk=9": "model.moe_router_topk=9 must not exceed model.num_experts=8",
+    "data.reverse_complement_prob=1.5": "data.reverse_complement_prob must be in [0, 1]",
+    "logging.log_interval=0": "logging.log_interval must be >= 1",
+    "parallel.expert_tensor_parallel=0": "parallel.expert_tensor_parallel must be >= 1",
+    "schedule.stop_after=500": "schedule.stop_after=500 must not exceed schedule.train_iters=100",
+    "schedule.decay_style=cosin": "schedule.decay_style must be one of",
+    "model.attention_backend=flash": "model.attention_backend must be one of",
+}
+
+
+@pytest.mark.parametrize("override", list(BAD))
+def test_bad_value_names_key_and_range(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.preset=tiny", override])
+    assert BAD[override] in str(err.value)
+
+
+def test_every_numeric_field_has_a_range():
+    """A field added without a range fails here, so no value goes unchecked."""
+    cfg = TrainConfig()
+    missing = []
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        for field in dataclasses.fields(value):
+            default = getattr(value, field.name)
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            nullable_int = default is None and "int" in str(field.type) and "str" not in str(field.type)
+            key = f"{section.name}.{field.name}"
+            if (numeric or nullable_int) and key not in RANGES:
+                missing.append(key)
+    assert not missing, missing
+    assert "precision" in CHOICES
+
+
+def test_cli_refuses_before_building_anything(tmp_path):
+    """One line, exit 2, and not even the run directory was made."""
+    line = error_line(train(tmp_path / "run", "optimizer.lr=-0.1"))
+    assert "optimizer.lr must be > 0" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_refuses_bad_values_before_rendering(tmp_path):
+    import sys
+
+    from tests.faults.helpers import run
+
+    proc = run([sys.executable, "-m", "launch.cli", "--recipe", "genos-1.2b-8k", "--dry-run",
+                "data.seq_length=0", f"logging.run_dir={tmp_path / 'run'}"])
+    assert "data.seq_length must be >= 2" in error_line(proc)
+    assert not (tmp_path / "run").exists()

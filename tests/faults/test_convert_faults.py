@@ -1,0 +1,150 @@
+"""geno-convert against careless and hostile input (issue 11, items 2 and 7): it removes only
+what it created, never replaces OUT, and checks an HF directory before writing anything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.faults.helpers import convert, error_line, train, tree
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny checkpoint and its HF export."""
+    root = tmp_path_factory.mktemp("convert")
+    proc = train(root / "run", "schedule.train_iters=2", f"checkpoint.save={root / 'ck'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = convert("to-hf", "--checkpoint", str(root / "ck"), "--out", str(root / "hf"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+def test_user_directory_named_like_a_temp_dir_survives(exported, tmp_path):
+    """OUT.tmp holding a user's files is neither used nor removed, on success or failure."""
+    mine = tmp_path / "hf.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    before = tree(mine)
+    proc = convert("to-hf", "--checkpoint", str(exported / "ck"), "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = convert("from-hf", "--hf", str(exported / "hf"), "--out", str(tmp_path / "imp"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (tmp_path / "imp.tmp").mkdir()
+    (tmp_path / "imp.tmp" / "keep").write_text("x")
+    broken = tmp_path / "broken"
+    shutil.copytree(exported / "hf", broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:5000])
+    error_line(convert("from-hf", "--hf", str(broken), "--out", str(tmp_path / "imp2")))
+    assert tree(mine) == before and (tmp_path / "imp.tmp" / "keep").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "hf", "hf.tmp", "imp", "imp.tmp"]
+
+
+@pytest.mark.parametrize("out", [".", "file", "full"])
+def test_bad_out_is_one_line_and_changes_nothing(exported, tmp_path, out):
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    before = tree(tmp_path)
+    for proc in (convert("to-hf", "--checkpoint", str(exported / "ck"), "--out", out, cwd=tmp_path),
+                 convert("from-hf", "--hf", str(exported / "hf"), "--out", out, cwd=tmp_path)):
+        line = error_line(proc)
+        assert f"--out {out}" in line or f"directory {out}" in line
+    assert tree(tmp_path) == before
+
+
+def spoiled_hf(exported, tmp_path, edit_tensors=None, edit_config=None, edit_index=None):
+    """A copy of the HF export with its tensors, config.json or index changed."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf_in"
+    shutil.copytree(exported / "hf", hf)
+    if edit_tensors:
+        tensors = load_file(str(hf / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    if edit_config:
+        config = json.loads((hf / "config.json").read_text())
+        edit_config(config)
+        (hf / "config.json").write_text(json.dumps(config))
+    if edit_index:
+        edit_index(hf)
+    return hf
+
+
+def _wrong_shape(t):
+    t["model.layers.1.self_attn.o_proj.weight"] = torch.zeros(64, 32)
+
+
+def _wrong_vocab(t):
+    t["model.embed_tokens.weight"] = torch.zeros(256, 64)  # config.json says 128
+
+
+def _extra(t):
+    t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+
+
+def _int_weights(t):
+    t["model.norm.weight"] = torch.zeros(64, dtype=torch.int32)
+
+
+def _missing(t):
+    del t["model.layers.0.block_sparse_moe.experts.3.w2.weight"]
+
+
+def _no_key(c):
+    del c["num_local_experts"]
+
+
+def _small_vocab(c):
+    c["vocab_size"] = 64
+
+
+def _bad_heads(c):
+    c["num_key_value_heads"] = 3
+
+
+def _outside_index(hf):
+    from safetensors import safe_open
+
+    (hf.parent / "outside.safetensors").write_bytes((hf / "model.safetensors").read_bytes())
+    with safe_open(str(hf / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    index = {"metadata": {}, "weight_map": {n: "../outside.safetensors" for n in names}}
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    (hf / "model.safetensors").unlink()
+
+
+CASES = {
+    "wrong-shape": (dict(edit_tensors=_wrong_shape), "model.layers.1.self_attn.o_proj.weight"),
+    "wrong-vocab": (dict(edit_tensors=_wrong_vocab), "model.embed_tokens.weight"),
+    "extra-tensor": (dict(edit_tensors=_extra), "model.layers.0.self_attn.q_proj.bias"),
+    "int-weights": (dict(edit_tensors=_int_weights), "model.norm.weight"),
+    "missing-tensor": (dict(edit_tensors=_missing), "experts.3.w2.weight"),
+    "config-missing-key": (dict(edit_config=_no_key), "'num_local_experts'"),
+    "vocab-below-tokenizer": (dict(edit_config=_small_vocab), "vocab_size"),
+    "heads-not-divisible": (dict(edit_config=_bad_heads), "num_key_value_heads=3"),
+    "index-outside-dir": (dict(edit_index=_outside_index), "../outside.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_from_hf_checks_everything_before_writing(exported, tmp_path, case):
+    edits, culprit = CASES[case]
+    hf = spoiled_hf(exported, tmp_path, **edits)
+    before = tree(tmp_path)
+    line = error_line(convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "imp")))
+    assert culprit in line, line
+    assert tree(tmp_path) == before
+
+
+def test_from_hf_without_config_json(exported, tmp_path):
+    hf = spoiled_hf(exported, tmp_path)
+    (hf / "config.json").unlink()
+    line = error_line(convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "imp")))
+    assert "config.json" in line

@@ -1,0 +1,158 @@
+"""geno-preprocess against careless input and damaged corpora (issue 11, item 8)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.faults.helpers import error_line, preprocess, tree
+from tests.genomes import random_bases, write_fasta
+
+
+@pytest.fixture
+def fastas(tmp_path):
+    rng = np.random.default_rng(0)
+    return [write_fasta(tmp_path / f"a{i}.fa", {f"chr{j}": random_bases(rng, 3000) for j in (1, 2)})
+            for i in range(3)]
+
+
+def manifest_assemblies(corpus):
+    return [a["assembly"] for a in json.loads((corpus / "manifest.json").read_text())["assemblies"]]
+
+
+def test_out_naming_a_file_is_one_line(fastas, tmp_path):
+    target = tmp_path / "corpus"
+    target.write_text("not a directory")
+    before = tree(tmp_path)
+    line = error_line(preprocess("run", "--out", str(target), str(fastas[0])))
+    assert str(target) in line and "is a file" in line
+    assert tree(tmp_path) == before
+
+
+def test_rerun_naming_fewer_inputs_keeps_the_others(fastas, tmp_path):
+    corpus = tmp_path / "corpus"
+    assert preprocess("run", "--out", str(corpus), *map(str, fastas)).returncode == 0
+    proc = preprocess("run", "--out", str(corpus), str(fastas[0]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert manifest_assemblies(corpus) == ["a1", "a2", "a0"]
+    proc = preprocess("run", "--out", str(corpus), str(fastas[0]), "--only-listed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert manifest_assemblies(corpus) == ["a0"]
+    assert sorted(p.name for p in (corpus / "shards").iterdir()) == ["a0", "a1", "a2"]
+
+
+def test_contig_names_are_utf8(tmp_path):
+    path = tmp_path / "g.fa"
+    seq = random_bases(np.random.default_rng(1), 200).decode()
+    path.write_text(f">contig_é\n{seq}\n>contig_è\n{seq}\n", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    proc = preprocess("run", "--out", str(corpus), str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    attrs = json.loads((corpus / "shards" / "g" / "zarr.json").read_text(encoding="utf-8"))
+    assert attrs["attributes"]["contigs"] == ["contig_é", "contig_è"]
+
+
+def test_header_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "g.fa"
+    seq = random_bases(np.random.default_rng(1), 200)
+    path.write_bytes(b">ok\n" + seq + b"\n>bad\xff\n" + seq + b"\n")
+    line = error_line(preprocess("run", "--out", str(tmp_path / "corpus"), str(path)))
+    assert f"{path}: line 3: header is not valid UTF-8" in line
+
+
+DAMAGE = {
+    "truncated-shard": lambda g: (g / "part-00000/tokens/c/0").write_bytes(
+        (g / "part-00000/tokens/c/0").read_bytes()[:100]),
+    "changed-index": lambda g: _flip_last_bytes(g / "part-00000/tokens/c/0"),
+    "missing-shard": lambda g: (g / "part-00000/tokens/c/0").unlink(),
+}
+
+
+def _flip_last_bytes(path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_shard_found_by_verify_and_redone_by_force(fastas, tmp_path, damage):
+    corpus = tmp_path / "corpus"
+    assert preprocess("run", "--out", str(corpus), *map(str, fastas)).returncode == 0
+    clean = tree(corpus / "shards" / "a1")
+    DAMAGE[damage](corpus / "shards" / "a1")
+    proc = preprocess("verify", str(corpus))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "DAMAGED" in proc.stdout and str(corpus / "shards" / "a1" / "part-00000") in proc.stdout
+    proc = preprocess("run", "--out", str(corpus), "--force", str(fastas[1]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert tree(corpus / "shards" / "a1") == clean  # byte-identical to the first run
+    assert preprocess("verify", str(corpus)).returncode == 0
+
+
+def test_damaged_group_metadata_is_one_line_then_force_redoes_it(fastas, tmp_path):
+    corpus = tmp_path / "corpus"
+    assert preprocess("run", "--out", str(corpus), *map(str, fastas)).returncode == 0
+    (corpus / "shards" / "a2" / "zarr.json").write_text("{not json")
+    line = error_line(preprocess("run", "--out", str(corpus), *map(str, fastas)))
+    assert str(corpus / "shards" / "a2" / "zarr.json") in line and "--force" in line
+    proc = preprocess("run", "--out", str(corpus), "--force", str(fastas[2]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_manifest_paths_never_leave_the_corpus(fastas, tmp_path):
+    corpus = tmp_path / "corpus"
+    assert preprocess("run", "--out", str(corpus), str(fastas[0])).returncode == 0
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    manifest["assemblies"][0]["path"] = "../../elsewhere"
+    (corpus / "manifest.json").write_text(json.dumps(manifest))
+    for command in ("stats", "verify"):
+        line = error_line(preprocess(command, str(corpus)))
+        assert "manifest.json" in line and "../../elsewhere" in line
+
+
+def test_published_files_are_fsynced_before_the_rename(fastas, tmp_path, monkeypatch):
+    """Every file of a finished assembly reaches the disk before the rename that publishes it."""
+    from data_pipeline import pipeline
+    from data_pipeline.manifest import assemblies_from_paths
+    from megatron_geno import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(pipeline.os, "replace", replace)
+    config = pipeline.PipelineConfig()
+    [assembly] = assemblies_from_paths([str(fastas[0])], "test")
+    out = tmp_path / "corpus"
+    pipeline.prepare_out(out, config, [assembly], False)
+    pipeline.process_assembly(assembly, out, config)
+    publish = next(i for i, e in enumerate(events)
+                   if e[0] == "replace" and e[2] == str(out / "shards" / "a0"))
+    synced = {e[1] for e in events[:publish] if e[0] == "fsync"}
+    tmp = events[publish][1]
+    written = {os.path.join(d, f).replace(str(out / "shards" / "a0"), tmp)
+               for d, _, fs in os.walk(out / "shards" / "a0") for f in fs}
+    assert written and written <= synced
+
+
+def test_training_on_a_damaged_corpus_is_one_line(fastas, tmp_path):
+    from tests.faults.helpers import train
+
+    corpus = tmp_path / "corpus"
+    assert preprocess("run", "--out", str(corpus), *map(str, fastas)).returncode == 0
+    shard = corpus / "shards" / "a1" / "part-00000" / "tokens" / "c" / "0"
+    shard.write_bytes(shard.read_bytes()[:100])
+    line = error_line(train(tmp_path / "run", "schedule.train_iters=2", "schedule.eval_interval=0",
+                            "data.seq_length=64", "data.source=zarr", f"data.blend=[{corpus}]"))
+    assert str(shard) in line and "truncated" in line
