@@ -191,6 +191,9 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return type(default)(value)
+    if isinstance(default, str) and isinstance(value, bool) and {"on", "off"} <= set(
+            CHOICES.get(name, ())):
+        return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     if isinstance(default, list) and not isinstance(value, list):

@@ -16,11 +16,13 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_geno import platform
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from megatron_geno.experts import GroupedExperts, grouped_mm_available
 from megatron_geno.norm import RMSNorm
 from megatron_geno.presets import resolve_padded_vocab
 
@@ -53,6 +55,35 @@ def use_transformer_engine(model: ModelConfig) -> bool:
     return HAVE_TE and torch.cuda.is_available()
 
 
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def experts_module(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> str:
+    """Which experts module runs: 'te-grouped' (TE spec), 'grouped' (GroupedExperts, one
+    torch._grouped_mm per projection), or 'sequential' (megatron-core's SequentialMLP).
+
+    model.moe_grouped_gemm: auto = grouped wherever it runs; on = grouped or a ConfigError;
+    off = sequential.
+    """
+    if model.moe_grouped_gemm == "off":
+        return "sequential"
+    if use_transformer_engine(model):
+        return "te-grouped"
+    ffn_local = model.moe_ffn_hidden_size // parallel.expert_tp()
+    aligned = model.hidden_size % 8 == 0 and ffn_local % 8 == 0  # 16-byte rows in bf16
+    if grouped_mm_available(dtype, _device()) and aligned:
+        return "grouped"
+    if model.moe_grouped_gemm == "on":
+        raise ConfigError(
+            f"model.moe_grouped_gemm=on, but torch._grouped_mm cannot run here: {dtype} on "
+            f"{_device()} with torch {torch.__version__} (CUDA needs bf16 on sm90+), hidden "
+            f"{model.hidden_size} and expert FFN per expert-TP rank {ffn_local} (both multiples "
+            f"of 8); use auto or off")
+    return "sequential"
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
 ) -> TransformerConfig:
@@ -66,7 +97,7 @@ def transformer_config(
     dispatcher = model.moe_token_dispatcher
     if dispatcher == "auto":
         dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
-    grouped = model.moe_grouped_gemm == "on" or (model.moe_grouped_gemm == "auto" and te)
+    grouped = te and experts_module(model, parallel, dtype) == "te-grouped"
     sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
     if parallel.tensor_parallel > 1 and not sequence_parallel:
         raise ConfigError("MoE with parallel.tensor_parallel > 1 requires parallel.sequence_parallel")
@@ -123,9 +154,9 @@ def transformer_config(
 
 
 def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = None,
-               vp_stage: Optional[int] = None):
+               vp_stage: Optional[int] = None, grouped_experts: bool = False):
     """Returns the block spec for this pipeline stage (and virtual stage): TE's fused spec, or
-    local + SDPA + RMSNorm."""
+    local + SDPA + RMSNorm (+ GroupedExperts in place of SequentialMLP)."""
     if te:
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
@@ -138,10 +169,16 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
         attention,
         submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention),
     )
+    mlp = sub.mlp
+    if grouped_experts:
+        moe = mlp.submodules
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
+            moe, experts=ModuleSpec(module=GroupedExperts)))
     layer = dataclasses.replace(
         layer,
         submodules=dataclasses.replace(
-            sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention
+            sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention,
+            mlp=mlp,
         ),
     )
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -162,7 +199,9 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
     for vp_stage in range(virtual) if virtual else [None]:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, te, vp_stage=vp_stage),
+            transformer_layer_spec=layer_spec(
+                config, te, vp_stage=vp_stage,
+                grouped_experts=experts_module(cfg.model, cfg.parallel, dtype) == "grouped"),
             vocab_size=padded,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -212,5 +251,6 @@ def describe(cfg: TrainConfig) -> str:
         f"{f' VPP={p.virtual_pipeline}' if p.virtual_pipeline > 1 else ''} CP={p.context_parallel} "
         f"EP={p.expert_parallel} DP={parallel_state.get_data_parallel_world_size()} "
         f"SP={p.tensor_parallel > 1 and p.sequence_parallel} "
+        f"experts={experts_module(cfg.model, p, resolve_precision(cfg.precision))} "
         f"dtype={resolve_precision(cfg.precision)}"
     )

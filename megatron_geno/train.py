@@ -135,8 +135,11 @@ def train(cfg: TrainConfig) -> list[dict]:
     state = TrainState()
     if cfg.checkpoint.load:
         state = load_checkpoint(cfg, model, optimizer, scheduler)
-    if rank0 and not cfg.logging.quiet:
-        print(f"# {describe(cfg)}", flush=True)
+    if rank0:  # the start-up line: which spec, experts module, layout and precision ran
+        if cfg.logging.quiet:
+            log.info("%s", describe(cfg))
+        else:
+            print(f"# {describe(cfg)}", flush=True)
 
     d, s = cfg.data, cfg.schedule
     if d.reset_attention_mask and use_transformer_engine(cfg.model):
