@@ -224,6 +224,9 @@ def train(cfg: TrainConfig) -> list[dict]:
                 "mfu": tokens_per_s * flops_token / world / peak if peak else None,
                 "consumed_samples": state.consumed_samples,
                 "expert_load": expert_load.fractions(),
+                # GPU only: the allocator's peak since start, to check the memory plan against
+                "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                    if torch.cuda.is_available() else None),
             }
             if eval_due:
                 record["val_loss"] = run_eval()

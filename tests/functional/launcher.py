@@ -46,6 +46,23 @@ def geno_train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 60
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
 
 
+def geno_train_logged(run_dir: Path, *overrides: str, nproc: int = 1,
+                      timeout: int = 600) -> tuple[list[dict], str]:
+    """geno_train, also returning stderr (where the start-up line names the modules that ran)."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(free_port()), "-m", "megatron_geno.cli", *BASE,
+        f"logging.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}",
+        *overrides,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=quiet_env())
+    if proc.returncode != 0:
+        raise AssertionError(f"geno-train failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stderr[-6000:]}")
+    metrics = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in metrics.read_text().splitlines()], proc.stderr
+
+
 def losses(records: list[dict]) -> list[float]:
     return [r["loss"] for r in records]
 

@@ -1,25 +1,8 @@
 """GroupedExperts in training: the same losses as SequentialMLP at TP=2 and EP=2 (2 processes),
 and checkpoints interchangeable between the two, optimizer state included."""
 
-import subprocess
-import sys
-
-from megatron_geno.distributed import free_port
-from tests.functional.launcher import BASE, assert_close, geno_train, losses, quiet_env
-
-
-def train_logged(run_dir, *overrides, nproc=1):
-    """geno-train under torchrun; returns (metrics records, stderr) to read the start-up line."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(free_port()), "-m", "megatron_geno.cli", *BASE,
-           f"logging.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}",
-           *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=quiet_env())
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    import json
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return records, proc.stderr
+from tests.functional.launcher import assert_close, geno_train, losses
+from tests.functional.launcher import geno_train_logged as train_logged
 
 
 def test_grouped_matches_sequential_across_layouts(tmp_path):

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One command for a single-GPU node with CUDA torch and no network (DESIGN decision 14):
+#   bash benchmarks/gpu_suite.sh WHEELS [OUT]
+# Installs this project and its dependencies from WHEELS (benchmarks/make_wheelhouse.sh) into
+# OUT/site with --no-index, then runs tests/gpu, the throughput rows of the GPU-throughput goals
+# (and the old experts path beside the new for genos-1.2b at 8K), a profiler top-20 table and peak
+# memory beside the memory plan's estimate, and prints one dated markdown block for
+# docs/benchmarks.md (also written to OUT/block.md). With Transformer Engine importable it also
+# runs the TE spec for genos-1.2b at 8K; every row names the spec and experts module it used.
+# SMOKE=1 runs the same steps with tiny shapes (any machine, CPU included) to check the plumbing.
+set -euo pipefail
+WHEELS=${1:?usage: gpu_suite.sh WHEELS [OUT]}
+OUT=${2:-${OUT:-$PWD/gpu_suite_out}}
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WHEELS=$(cd "$WHEELS" && pwd)
+LOG="$OUT/suite.log"
+: > "$LOG"
+step() { echo "gpu_suite: $*" >&2; }
+
+step "installing from $WHEELS"
+"$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "$WHEELS"/*.whl >> "$LOG" 2>&1
+export PYTHONPATH="$PWD:$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONWARNINGS=ignore
+
+if [ "${SMOKE:-0}" = 1 ]; then
+    SMALL=(--preset tiny --layers 2 --seq 256 --mbs 2 --gbs 8 --steps 4)
+    ROWS=("new|${SMALL[*]}" "old|${SMALL[*]} --set model.moe_grouped_gemm=off")
+    PROFILE=(--preset tiny --layers 2 --seq 256 --steps 2)
+else
+    "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" >> "$LOG" 2>&1
+    B12=(--preset genos-1.2b --layers 12 --seq 8192 --mbs 1 --gbs 4 --steps 6)
+    ROWS=("genos-1.2b 8K|${B12[*]}"
+          "genos-1.2b 8K, old experts path|${B12[*]} --set model.moe_grouped_gemm=off"
+          "genos-10b shapes 4 layers 8K|--preset genos-10b --layers 4 --seq 8192 --mbs 1 --gbs 4 --steps 6"
+          "genos-1.2b 32K|--preset genos-1.2b --layers 12 --seq 32768 --mbs 1 --gbs 2 --steps 5")
+    if "$PY" -c "import transformer_engine" >> "$LOG" 2>&1; then
+        ROWS+=("genos-1.2b 8K, TE spec|${B12[*]} --set model.attention_backend=te")
+    fi
+    PROFILE=(--preset genos-1.2b --layers 12 --seq 8192 --steps 3)
+fi
+
+START=$(date +%s)
+step "tests/gpu"
+TESTS=$("$PY" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee -a "$LOG" | tail -1)
+TABLE=""
+for row in "${ROWS[@]}"; do
+    name=${row%%|*}
+    step "throughput: $name"
+    # shellcheck disable=SC2086
+    line=$("$PY" benchmarks/train_throughput.py --no-baseline ${row#*|} 2>>"$LOG" | tail -1)
+    TABLE+="| $name $(echo "${line#| }" | sed 's/ [^|]*|$//')"$'\n'
+done
+step "profile"
+PROFILE_OUT=$("$PY" benchmarks/profile_step.py "${PROFILE[@]}" 2>>"$LOG")
+ELAPSED=$(( $(date +%s) - START ))
+
+DEVICE=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU (smoke run)')")
+VERSIONS=$("$PY" -c "import sys, torch, megatron.core as m; print(f'Python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}')")
+TE=$("$PY" -c "import transformer_engine" >/dev/null 2>&1 && echo "Transformer Engine present" || echo "no Transformer Engine")
+{
+    echo "### $DEVICE, $(date -u +%Y-%m-%d) (benchmarks/gpu_suite.sh, project at $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+    echo
+    echo "$VERSIONS; $TE; suite ran in ${ELAPSED} s."
+    echo
+    echo "\`pytest tests/gpu\`: $TESTS"
+    echo
+    echo "| run (train_throughput.py) | tokens/s | TFLOP/s per device | MFU | peak GiB | plan GiB |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    printf "%s" "$TABLE"
+    echo
+    echo "Profile (benchmarks/profile_step.py ${PROFILE[*]}):"
+    echo "$PROFILE_OUT"
+} | tee "$OUT/block.md"
