@@ -89,7 +89,9 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     expert-DP group). Activations per layer, bf16 with flash attention (no s^2 term), without
     recomputation: attention and norms ~15 x s x b x h, experts 2 x top-k x (h + 3 x ffn) x s x b,
     divided by TP x CP; the first stage holds PP micro-batches in flight under 1F1B, and
-    1 + (PP - 1) / (PP x V) times that with V virtual stages (interleaved 1F1B).
+    1 + (PP - 1) / (PP x V) times that with V virtual stages (interleaved 1F1B). model.recompute:
+    full keeps only each recomputed layer's input (2 x s x b x h) plus one layer being rebuilt;
+    selective with moe drops the experts' share.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
@@ -106,11 +108,20 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     optimizer_shards = dense_here / (dp if p.distributed_optimizer else 1) + experts_here / (
         expert_dp if p.distributed_optimizer else 1)
     s, b, h = d.seq_length, d.micro_batch_size, m.hidden_size
-    per_layer = (15 * s * b * h + 2 * m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size) * s * b)
+    experts_part = 2 * m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size) * s * b
+    per_layer = 15 * s * b * h + experts_part
+    layers_here = m.num_layers / pp
     in_flight = min(pp, max(1, d.global_batch_size // (d.micro_batch_size * dp)))
     if p.virtual_pipeline > 1:
         in_flight *= 1 + (pp - 1) / (pp * p.virtual_pipeline)
-    activations = per_layer / (tp * cp) * (m.num_layers / pp) * in_flight
+    if m.recompute == "full":  # a recomputed layer keeps its input (bf16); one layer is rebuilt
+        recomputed = min(m.recompute_layers or layers_here, layers_here)
+        stored = recomputed * 2 * s * b * h + (layers_here - recomputed) * per_layer
+        activations = (stored * in_flight + per_layer) / (tp * cp)
+    else:
+        if m.recompute == "selective" and "moe" in m.recompute_modules:
+            per_layer -= experts_part  # rebuilt from the layer's saved MoE input
+        activations = per_layer / (tp * cp) * layers_here * in_flight
     logits = 4 * s * b * vocab / (tp * cp) if pp == 1 else 0.0  # fp32 logits for the loss
     return {"parameters (bf16)": 2 * params, "gradients (fp32)": 4 * params,
             "optimizer (fp32 master + Adam, sharded)": 12 * optimizer_shards,

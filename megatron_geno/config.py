@@ -42,6 +42,12 @@ class ModelConfig:
     moe_grouped_gemm: str = "auto"  # auto: on with Transformer Engine; or on / off
     init_method_std: float = 0.02
     attention_backend: str = "auto"  # auto: Transformer Engine if importable, else sdpa
+    # activation recomputation (megatron-core's): none; selective = recompute_modules of every
+    # layer (core_attn, layernorm, moe); full = whole layers (recompute_layers per pipeline
+    # stage, None: all), trading one more forward per layer for activation memory
+    recompute: str = "none"
+    recompute_modules: list = field(default_factory=lambda: ["core_attn"])
+    recompute_layers: Optional[int] = None
 
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
@@ -265,6 +271,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "model.moe_aux_loss_coeff": (0, INF, True, False),
     "model.moe_z_loss_coeff": (0, INF, True, False),
     "model.init_method_std": (0, INF, False, False),
+    "model.recompute_layers": (1, INF, True, False),
     "parallel.tensor_parallel": (1, INF, True, False),
     "parallel.pipeline_parallel": (1, INF, True, False),
     "parallel.virtual_pipeline": (1, INF, True, False),
@@ -299,8 +306,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.moe_token_dispatcher": ("auto", "alltoall", "allgather"),
     "model.moe_grouped_gemm": ("auto", "on", "off"),
     "model.attention_backend": ("auto", "sdpa", "te"),
+    "model.recompute": ("none", "selective", "full"),
     "schedule.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
 }
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "moe")  # megatron-core's names that apply here
 
 
 def _describe_range(low, high, low_in, high_in) -> str:
@@ -339,6 +350,15 @@ def validate(cfg: TrainConfig) -> None:
     m, p, d, o = cfg.model, cfg.parallel, cfg.data, cfg.optimizer
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={o.min_lr:g} must not exceed optimizer.lr={o.lr:g}")
+    unknown = set(m.recompute_modules) - set(RECOMPUTE_MODULES)
+    if unknown:
+        raise ConfigError(f"model.recompute_modules: {sorted(unknown)[0]!r} is not one of "
+                          f"{', '.join(RECOMPUTE_MODULES)}")
+    if m.recompute_layers is not None and m.recompute != "full":
+        raise ConfigError(f"model.recompute_layers={m.recompute_layers} needs model.recompute=full")
+    if m.recompute_layers is not None and m.recompute_layers > m.num_layers // p.pipeline_parallel:
+        raise ConfigError(f"model.recompute_layers={m.recompute_layers} exceeds the "
+                          f"{m.num_layers // p.pipeline_parallel} layers of a pipeline stage")
     if m.moe_router_topk > m.num_experts:
         raise ConfigError(f"model.moe_router_topk={m.moe_router_topk} must not exceed "
                           f"model.num_experts={m.num_experts}")

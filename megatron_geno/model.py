@@ -84,6 +84,24 @@ def experts_module(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dt
     return "sequential"
 
 
+def recompute_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
+    """megatron-core's recompute fields for model.recompute / recompute_modules / _layers."""
+    if model.recompute == "none":
+        return {}
+    if model.recompute == "selective":
+        if "layernorm" in model.recompute_modules and not use_transformer_engine(model):
+            raise ConfigError("model.recompute_modules: layernorm recompute needs Transformer "
+                              "Engine (megatron-core's output-discarding checkpoint); use "
+                              "core_attn and moe, or model.recompute=full")
+        return {"recompute_granularity": "selective",
+                "recompute_modules": list(model.recompute_modules)}
+    if model.recompute_layers is None:  # every layer, one at a time
+        return {"recompute_granularity": "full", "recompute_method": "uniform",
+                "recompute_num_layers": 1}
+    return {"recompute_granularity": "full", "recompute_method": "block",
+            "recompute_num_layers": model.recompute_layers}
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
 ) -> TransformerConfig:
@@ -148,6 +166,7 @@ def transformer_config(
         masked_softmax_fusion=te,
         apply_rope_fusion=te,
         gradient_accumulation_fusion=False,
+        **recompute_settings(model, parallel),
         persist_layer_norm=False,
         deallocate_pipeline_outputs=True,
     )
@@ -252,5 +271,7 @@ def describe(cfg: TrainConfig) -> str:
         f"EP={p.expert_parallel} DP={parallel_state.get_data_parallel_world_size()} "
         f"SP={p.tensor_parallel > 1 and p.sequence_parallel} "
         f"experts={experts_module(cfg.model, p, resolve_precision(cfg.precision))} "
+        f"recompute={cfg.model.recompute}"
+        f"{'(' + ','.join(cfg.model.recompute_modules) + ')' if cfg.model.recompute == 'selective' else ''} "
         f"dtype={resolve_precision(cfg.precision)}"
     )

@@ -101,6 +101,27 @@ def patch_missing_transformer_engine() -> None:
     cls._set_main_param_and_optimizer_states = set_states_keeping_step
 
 
+def _recompute_on_cpu_too() -> None:
+    """Runs activation recomputation (megatron-core's CheckpointFunction.backward) under the
+    CPU mode: the autograd engine does not carry Python torch-function modes into backward, so
+    the recomputed forward would otherwise place tensors on a CUDA device that does not exist."""
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    original = CheckpointFunction.backward
+    if getattr(original, "_geno_patched", False):
+        return
+
+    def backward(ctx, *grads):
+        if any(isinstance(m, CudaToCpuMode)
+               for m in torch.overrides._get_current_function_mode_stack()):
+            return original(ctx, *grads)
+        with CudaToCpuMode():
+            return original(ctx, *grads)
+
+    backward._geno_patched = True
+    CheckpointFunction.backward = staticmethod(backward)
+
+
 def activate() -> bool:
     """Make megatron-core run on CPU; returns True when the CPU layer is (now) active.
 
@@ -135,6 +156,7 @@ def activate() -> bool:
     mcore_random._set_cuda_rng_state = _cpu_rng_set
 
     patch_missing_transformer_engine()
+    _recompute_on_cpu_too()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
     log.warning("CUDA is absent: megatron-core runs on CPU through megatron_geno.platform (gloo)")
