@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.functional.launcher import assert_close, geno_train, losses
+from tests.functional.launcher import assert_close, geno_train, geno_train_logged, losses
 
 STEPS = "schedule.train_iters=5"
 
@@ -25,18 +25,20 @@ def shared(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "name,layout",
+    "name,layout,ran",
     [
-        ("tp2_sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]),
-        ("pp2", ["parallel.pipeline_parallel=2"]),
-        ("ep2", ["parallel.expert_parallel=2"]),
-        ("dp2", []),
+        ("tp2_sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+         "TP=2 PP=1 CP=1 EP=1 DP=1 SP=True"),
+        ("pp2", ["parallel.pipeline_parallel=2"], "TP=1 PP=2 CP=1 EP=1 DP=1"),
+        ("ep2", ["parallel.expert_parallel=2"], "TP=1 PP=1 CP=1 EP=2 DP=2"),
+        ("dp2", [], "TP=1 PP=1 CP=1 EP=1 DP=2"),
     ],
 )
-def test_layout_matches_single_process(shared, name, layout):
+def test_layout_matches_single_process(shared, name, layout, ran):
     root, load, baseline = shared
-    result = losses(geno_train(root / name, STEPS, *load, *layout, nproc=2))
-    assert_close(result, baseline, rtol=1e-4)
+    records, log = geno_train_logged(root / name, STEPS, *load, *layout, nproc=2)
+    assert ran in log  # the start-up line: the layout that actually ran, not a silent default
+    assert_close(losses(records), baseline, rtol=1e-4)
 
 
 def test_tiny_loss_falls_below_ln4_in_100_steps(tmp_path):

@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.functional.launcher import geno_train, geno_train_error, quiet_env
+import pytest
+
+from tests.functional.launcher import assert_close, geno_train, geno_train_error, losses, quiet_env
 from tests.genomes import genome, write_fasta
 from tests.unit.test_preprocess import manifest, run_cli, tree_bytes
 
@@ -59,12 +61,15 @@ def test_tiny_trains_on_a_blend_of_two_preprocessed_corpora(tmp_path):
         assert run_cli("run", *paths, "--out", tmp_path / name, "--holdout-contigs",
                        "valid=chr20") == 0
         corpora.append(tmp_path / name)
-    records = geno_train(tmp_path / "run", "data.source=zarr",
-                         f"data.blend=[1, '{corpora[0]}', 1, '{corpora[1]}']",
-                         "data.reverse_complement_prob=0.5", "schedule.train_iters=2",
-                         "schedule.eval_interval=2", nproc=2)
+    blend = ["data.source=zarr", f"data.blend=[1, '{corpora[0]}', 1, '{corpora[1]}']",
+             "data.reverse_complement_prob=0.5", "schedule.train_iters=2",
+             "schedule.eval_interval=2"]
+    records = geno_train(tmp_path / "run", *blend, nproc=2)
+    single = geno_train(tmp_path / "single", *blend)
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["loss"] > 0 for r in records) and "val_loss" in records[-1]
+    # 2 data-parallel ranks read exactly the samples one process reads (blend, splits, RC)
+    assert_close(losses(records), losses(single), rtol=1e-5)
+    assert records[-1]["val_loss"] == pytest.approx(single[-1]["val_loss"], rel=1e-5)
 
 
 def test_unfinished_corpus_is_one_clear_error(tmp_path):

@@ -31,14 +31,30 @@ def test_fc1_is_gate_then_up():
 
 
 def test_router_renormalisation_matches_mixtral():
-    """megatron's top-k-then-softmax (pre_softmax=False) = Mixtral's softmax, top-k, renormalise."""
+    """megatron-core's routing as configured here (top-k, then softmax over the k) equals
+    Mixtral's (softmax over all experts, top-k, renormalise), and the converter refuses the
+    other megatron-core mode (pre-softmax), which Mixtral cannot represent."""
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from checkpoint_tools.mcore_checkpoint import ConversionError
+    from checkpoint_tools.to_hf import check_representable
+    from megatron_geno.presets import get_preset
+
     logits = torch.randn(50, 8)
-    top, idx = torch.topk(logits, 2, dim=-1)
-    megatron = torch.softmax(top, dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    hf_top, hf_idx = torch.topk(probs, 2, dim=-1)
-    assert torch.equal(idx, hf_idx)
-    torch.testing.assert_close(megatron, hf_top / hf_top.sum(-1, keepdim=True))
+    probs, routing_map = topk_routing_with_score_function(logits, 2, use_pre_softmax=False)
+    hf = torch.softmax(logits, dim=-1)
+    hf_top, hf_idx = torch.topk(hf, 2, dim=-1)
+    expected = torch.zeros_like(hf).scatter(1, hf_idx, hf_top / hf_top.sum(-1, keepdim=True))
+    assert torch.equal(routing_map, expected > 0)
+    torch.testing.assert_close(probs, expected)
+    model = get_preset("genos-1.2b")
+    ckpt = SimpleNamespace(path="ckpt", shapes={})
+    check_representable(ckpt, model)  # Genos: post-softmax routing converts
+    model.moe_router_pre_softmax = True
+    with pytest.raises(ConversionError, match="moe_router_pre_softmax=True"):
+        check_representable(ckpt, model)
 
 
 @pytest.mark.parametrize("policy", ["upper", "keep"])

@@ -42,6 +42,13 @@ def test_samples_come_from_the_manifest_splits(corpus, tmp_path):
     assert chr20[:40] not in train_text and chr20_b[:40] not in train_text
 
 
+def test_complement_table_against_literal_ids():
+    """A C G T N = 5..9, a c g t n = 10..14 (tokenizer v1); everything else maps to itself."""
+    pairs = {5: 8, 6: 7, 7: 6, 8: 5, 9: 9, 10: 13, 11: 12, 12: 11, 13: 10, 14: 14}
+    for token in range(128):
+        assert COMPLEMENT[token] == pairs.get(token, token), token
+
+
 def test_reverse_complement_is_exact_and_deterministic(corpus, tmp_path):
     plain, _, _ = datasets(corpus, tmp_path / "a")
     always, _, _ = datasets(corpus, tmp_path / "b", "data.reverse_complement_prob=1.0")
