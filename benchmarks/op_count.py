@@ -62,7 +62,7 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int)
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     get_moe_layer_wise_logging_tracker().clear()  # sized by the previous model's layer count
-    distributed.initialize(cfg.parallel, seed=1234)
+    distributed.initialize(cfg, seed=1234)
     try:
         (model,) = build_model_chunks(cfg, VOCAB_SIZE)
         line = describe(cfg)

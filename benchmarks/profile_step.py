@@ -47,7 +47,7 @@ def main() -> None:
     cfg = load_config(None, [f"model.preset={args.preset}", f"model.num_layers={args.layers}",
                              f"data.seq_length={args.seq}", f"data.micro_batch_size={args.mbs}",
                              f"data.global_batch_size={args.mbs}", *args.set])
-    distributed.initialize(cfg.parallel, seed=1234)
+    distributed.initialize(cfg, seed=1234)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     try:

@@ -40,7 +40,7 @@ def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Te
 
     ckpt = open_checkpoint(checkpoint, iteration, verify_checksums)
     cfg = TrainConfig(model=ckpt.model, precision="fp32")
-    distributed.initialize(cfg.parallel, seed=0)
+    distributed.initialize(cfg, seed=0)
     model = build_gpt_model(cfg, VOCAB_SIZE)
     load_model_weights([model], ckpt.path, ckpt.common)
     model.eval()

@@ -6,14 +6,11 @@ import math
 from dataclasses import dataclass
 
 from megatron_geno.config import TrainConfig
+from megatron_geno.layout import LayoutError, validate_layout  # noqa: F401 - launch's API
 from megatron_geno.presets import count_parameters, resolve_padded_vocab
 from megatron_geno.vocab import VOCAB_SIZE
 
 GIB = 1 << 30
-
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot run; the message names the numbers at fault."""
 
 
 @dataclass
@@ -25,60 +22,6 @@ class Plan:
     tokens_per_step: int
     steps: int | None  # for the token budget
     memory: dict[str, float]  # bytes per GPU (estimate), by part
-
-
-def validate_layout(cfg: TrainConfig, world_size: int, have_te: bool) -> tuple[int, int]:
-    """Raises LayoutError for a layout that cannot run; returns (DP, expert DP).
-
-    Rules: world size divisible by TP x PP x CP (the rest is DP); EP x expert-TP divides TP x CP x DP
-    and experts divide by EP; heads and query groups divisible by TP; layers divisible by PP x
-    virtual stages, which need PP > 1 and micro-batches per step divisible by PP; sequence length
-    divisible by 2 x CP (x TP with sequence parallelism); global batch divisible by micro batch x
-    DP; context parallelism needs Transformer Engine.
-    """
-    m, p, d = cfg.model, cfg.parallel, cfg.data
-    tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
-                           p.expert_parallel, p.expert_tp())
-    model_parallel = tp * pp * cp
-    if world_size % model_parallel:
-        raise LayoutError(f"world size {world_size} is not divisible by TP x PP x CP = {tp} x {pp} "
-                          f"x {cp} = {model_parallel}")
-    dp = world_size // model_parallel
-    if (tp * cp * dp) % (ep * etp):
-        raise LayoutError(f"EP x expert-TP = {ep} x {etp} = {ep * etp} does not divide TP x CP x DP "
-                          f"= {tp} x {cp} x {dp} = {tp * cp * dp} (the ranks of one pipeline stage)")
-    if m.num_experts % ep:
-        raise LayoutError(f"{m.num_experts} experts are not divisible by EP = {ep}")
-    if m.num_attention_heads % tp or m.num_query_groups % tp:
-        raise LayoutError(f"{m.num_attention_heads} attention heads and {m.num_query_groups} query "
-                          f"groups must both be divisible by TP = {tp}")
-    vp = p.virtual_pipeline
-    if vp > 1 and pp == 1:
-        raise LayoutError(f"{vp} virtual pipeline stages need PP > 1 (they split each stage)")
-    if m.num_layers % (pp * vp):
-        stages = f"PP x virtual stages = {pp} x {vp} = {pp * vp}" if vp > 1 else f"PP = {pp}"
-        raise LayoutError(f"{m.num_layers} layers are not divisible by {stages}")
-    sp = p.sequence_parallel and tp > 1
-    seq_multiple = (2 * cp if cp > 1 else 1) * (tp if sp else 1)
-    if d.seq_length % seq_multiple:
-        what = " x ".join(filter(None, [f"2 x CP ({2 * cp})" if cp > 1 else "",
-                                        f"TP ({tp}, sequence parallelism)" if sp else ""]))
-        raise LayoutError(f"sequence length {d.seq_length} is not divisible by {what} = "
-                          f"{seq_multiple}")
-    if d.global_batch_size % (d.micro_batch_size * dp):
-        raise LayoutError(f"global batch {d.global_batch_size} is not divisible by micro batch x DP "
-                          f"= {d.micro_batch_size} x {dp} = {d.micro_batch_size * dp}")
-    micro = d.global_batch_size // (d.micro_batch_size * dp)
-    if vp > 1 and micro % pp:
-        raise LayoutError(f"{vp} virtual pipeline stages need micro-batches per step ({micro} = "
-                          f"global batch {d.global_batch_size} / (micro batch {d.micro_batch_size} "
-                          f"x DP {dp})) divisible by PP = {pp}")
-    if cp > 1 and (m.attention_backend == "sdpa" or not have_te):
-        reason = ("model.attention_backend=sdpa" if m.attention_backend == "sdpa"
-                  else "transformer_engine does not import here")
-        raise LayoutError(f"CP = {cp} needs Transformer Engine's attention, but {reason}; use the "
-                          f"docker image or set parallel.context_parallel=1")
-    return dp, tp * cp * dp // (ep * etp)
 
 
 def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:

@@ -308,12 +308,14 @@ def read_common(ckpt: Path) -> dict:
     return trust.read_common(ckpt)
 
 
-def adopt_checkpoint_vocab(cfg: TrainConfig) -> None:
-    """Takes the padded vocabulary of the checkpoint to load, unless the config sets one."""
-    if not cfg.checkpoint.load or cfg.model.padded_vocab_size is not None:
-        return
+def checkpoint_vocab(cfg: TrainConfig) -> Optional[int]:
+    """The padded vocabulary recorded in the checkpoint to load (None: no checkpoint, or none
+    recorded); it wins over the one a new run would derive, so a checkpoint keeps its vocabulary
+    at any TP."""
+    if not cfg.checkpoint.load:
+        return None
     saved = read_common(resolve_checkpoint_dir(cfg.checkpoint.load)).get("model_config", {})
-    cfg.model.padded_vocab_size = saved.get("padded_vocab_size")
+    return saved.get("padded_vocab_size")
 
 
 def model_weights_request(chunks: list, common: dict) -> dict:

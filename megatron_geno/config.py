@@ -372,30 +372,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.schedule.eval_interval and cfg.schedule.eval_iters < 1:
         raise ConfigError(f"schedule.eval_iters must be >= 1 when schedule.eval_interval="
                           f"{cfg.schedule.eval_interval} (or set schedule.eval_interval=0)")
-    if m.num_attention_heads % p.tensor_parallel or m.num_query_groups % p.tensor_parallel:
-        raise ConfigError(
-            f"model.num_attention_heads={m.num_attention_heads} and model.num_query_groups="
-            f"{m.num_query_groups} must be divisible by parallel.tensor_parallel={p.tensor_parallel}"
-        )
-    if p.virtual_pipeline > 1 and p.pipeline_parallel == 1:
-        raise ConfigError(f"parallel.virtual_pipeline={p.virtual_pipeline} needs "
-                          f"parallel.pipeline_parallel > 1 (it splits each pipeline stage)")
-    if m.num_layers % (p.pipeline_parallel * p.virtual_pipeline):
-        raise ConfigError(
-            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_parallel="
-            f"{p.pipeline_parallel}" + (f" x parallel.virtual_pipeline={p.virtual_pipeline}"
-                                         if p.virtual_pipeline > 1 else "")
-        )
-    if m.num_experts % p.expert_parallel:
-        raise ConfigError(
-            f"model.num_experts={m.num_experts} is not divisible by "
-            f"parallel.expert_parallel={p.expert_parallel}"
-        )
-    if d.global_batch_size % d.micro_batch_size:
-        raise ConfigError(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by "
-            f"data.micro_batch_size={d.micro_batch_size}"
-        )
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
     if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= cfg.schedule.train_iters:

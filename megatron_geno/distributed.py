@@ -10,7 +10,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_geno import platform
-from megatron_geno.config import ConfigError, ParallelConfig
+from megatron_geno.config import TrainConfig
 
 
 def free_port() -> int:
@@ -20,8 +20,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def initialize(parallel: ParallelConfig, seed: int) -> None:
-    """Initializes torch.distributed (torchrun's env, or a single local process) and mcore groups."""
+def initialize(cfg: TrainConfig, seed: int) -> None:
+    """Initializes torch.distributed (torchrun's env, or a single local process), checks the
+    layout against the world size (megatron_geno.layout), then builds megatron-core's groups."""
+    from megatron_geno.layout import validate_layout
+    from megatron_geno.model import use_transformer_engine
+
     platform.activate()
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
@@ -34,21 +38,9 @@ def initialize(parallel: ParallelConfig, seed: int) -> None:
             **({} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}",
                                     "rank": 0, "world_size": 1}),
         )
-    world = torch.distributed.get_world_size()
-    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel * parallel.context_parallel
-    if world % model_parallel:
-        raise ConfigError(
-            f"world size {world} is not divisible by TP x PP x CP = {parallel.tensor_parallel} x "
-            f"{parallel.pipeline_parallel} x {parallel.context_parallel} = {model_parallel}"
-        )
-    dp = world // model_parallel
+    validate_layout(cfg, torch.distributed.get_world_size(), use_transformer_engine(cfg.model))
+    parallel = cfg.parallel
     etp = parallel.expert_tp()
-    expert_dp_world = parallel.tensor_parallel * dp * parallel.context_parallel
-    if expert_dp_world % (parallel.expert_parallel * etp):
-        raise ConfigError(
-            f"EP x expert-TP = {parallel.expert_parallel} x {etp} "
-            f"does not divide TP x CP x DP = {expert_dp_world}"
-        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_parallel,

@@ -106,19 +106,12 @@ def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
 ) -> TransformerConfig:
     """Returns megatron-core's TransformerConfig for the Genos architecture."""
-    te = use_transformer_engine(model)
-    if parallel.context_parallel > 1 and not te:
-        raise ConfigError(
-            f"parallel.context_parallel={parallel.context_parallel} needs Transformer Engine "
-            "(install the [gpu] extra or use the NGC image), or set parallel.context_parallel=1"
-        )
+    te = use_transformer_engine(model)  # the layout (CP needs TE, ...) is checked before
     dispatcher = model.moe_token_dispatcher
     if dispatcher == "auto":
         dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
     grouped = te and experts_module(model, parallel, dtype) == "te-grouped"
     sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
-    if parallel.tensor_parallel > 1 and not sequence_parallel:
-        raise ConfigError("MoE with parallel.tensor_parallel > 1 requires parallel.sequence_parallel")
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -211,8 +204,8 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
     dtype = resolve_precision(cfg.precision)
     config = transformer_config(cfg.model, cfg.parallel, dtype)
     te = use_transformer_engine(cfg.model)
+    # train() resolves it once (checkpoint's or derived) before building; others derive it here
     padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
-    cfg.model.padded_vocab_size = padded  # recorded in every checkpoint
     virtual = cfg.parallel.virtual_pipeline_size()
     chunks = []
     for vp_stage in range(virtual) if virtual else [None]:

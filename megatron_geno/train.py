@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -19,7 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_geno import distributed
 from megatron_geno.checkpointing import (
     TrainState,
-    adopt_checkpoint_vocab,
+    checkpoint_vocab,
     resume_target,
     load_checkpoint,
     save_checkpoint,
@@ -29,7 +30,7 @@ from megatron_geno.data import build_datasets, microbatches
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
                                  use_transformer_engine, wrap_ddp)
-from megatron_geno.presets import flops_per_token
+from megatron_geno.presets import flops_per_token, resolve_padded_vocab
 from megatron_geno.tokenizer import build_tokenizer
 
 log = logging.getLogger("megatron_geno")
@@ -109,18 +110,24 @@ class StopSignal:
         return bool(flag.item())
 
 
+def with_padded_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
+    """cfg with model.padded_vocab_size resolved once, before the model is built: the config's,
+    else the checkpoint's, else the tokenizer's rounded up to 128 x TP."""
+    model = cfg.model
+    if model.padded_vocab_size is None:
+        model = dataclasses.replace(model, padded_vocab_size=checkpoint_vocab(cfg))
+    padded = resolve_padded_vocab(model, vocab_size, cfg.parallel.tensor_parallel)
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, padded_vocab_size=padded))
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Trains per cfg and returns the logged records (also written to RUN_DIR/metrics.jsonl)."""
-    if cfg.parallel.context_parallel > 1 and not use_transformer_engine(cfg.model):
-        raise ConfigError(f"parallel.context_parallel={cfg.parallel.context_parallel} needs "
-                          "Transformer Engine's attention (CUDA + transformer-engine: the docker "
-                          "image or the [gpu] extra); set parallel.context_parallel=1 otherwise")
     cfg = resume_target(cfg)
-    distributed.initialize(cfg.parallel, cfg.schedule.seed)
+    distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
     rank0 = distributed.rank() == 0
     run_dir = Path(cfg.logging.run_dir)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
-    adopt_checkpoint_vocab(cfg)
+    cfg = with_padded_vocab(cfg, tokenizer.vocab_size)
     model = [wrap_ddp(chunk, cfg) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
     if rank0:  # fully resolved now (padded vocabulary included)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,18 +154,7 @@ def train(cfg: TrainConfig) -> list[dict]:
                           "spec's fused attention takes no per-document mask)")
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, run_dir)
     dp = parallel_state.get_data_parallel_world_size()
-    num_micro = d.global_batch_size // (d.micro_batch_size * dp)
-    if num_micro * d.micro_batch_size * dp != d.global_batch_size:
-        raise ConfigError(
-            f"data.global_batch_size={d.global_batch_size} is not divisible by micro batch x DP = "
-            f"{d.micro_batch_size} x {dp}"
-        )
-    pp = cfg.parallel.pipeline_parallel
-    if len(model) > 1 and num_micro % pp:
-        raise ConfigError(
-            f"parallel.virtual_pipeline={len(model)} needs micro-batches per step ({num_micro} = "
-            f"global batch / (micro batch x DP)) divisible by parallel.pipeline_parallel={pp}"
-        )
+    num_micro = d.global_batch_size // (d.micro_batch_size * dp)  # divisible: layout checked
 
     def iterators(dataset, consumed: int):
         """This rank's micro-batches from `consumed` on: one iterator, or one per model chunk

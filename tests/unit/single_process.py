@@ -3,11 +3,12 @@
 import contextlib
 
 from megatron_geno import distributed
+from megatron_geno.config import TrainConfig
 
 
 @contextlib.contextmanager
 def single_process_groups(parallel, seed: int = 1234):
-    distributed.initialize(parallel, seed)
+    distributed.initialize(TrainConfig(parallel=parallel), seed)
     try:
         yield
     finally:

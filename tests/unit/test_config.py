@@ -26,12 +26,7 @@ def test_override_of_a_preset_field():
         ("optimizer.lr=abc", "optimizer.lr must be a number"),
         ("schedule.train_iters=1.5", "must be an integer"),
         ("model.preset=genos-3b", "unknown model preset 'genos-3b'"),
-        ("parallel.tensor_parallel=3", "divisible by parallel.tensor_parallel=3"),
-        ("parallel.pipeline_parallel=3", "num_layers=2 is not divisible"),
-        ("parallel.virtual_pipeline=2", "virtual_pipeline=2 needs parallel.pipeline_parallel > 1"),
         ("parallel.virtual_pipeline=0", "parallel.virtual_pipeline must be >= 1"),
-        ("parallel.expert_parallel=3", "num_experts=8 is not divisible"),
-        ("data.global_batch_size=7", "not divisible by data.micro_batch_size"),
         ("precision=fp16", "precision must be"),
         ("noequals", "key.sub=value"),
     ],
@@ -48,11 +43,21 @@ def test_config_yaml_round_trips(tmp_path):
     assert load_config(path) == cfg
 
 
-def test_virtual_stages_must_divide_the_layers():
-    with pytest.raises(ConfigError, match="num_layers=2 is not divisible by parallel.pipeline_parallel"
-                                          "=2 x parallel.virtual_pipeline=2"):
-        load_config(None, ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=2"])
+def test_layout_rules_live_in_the_layout_validator_alone():
+    """load_config checks values; whether a layout runs is validate_layout's one answer, which
+    lists every rule broken, each with its numbers."""
+    from megatron_geno.layout import LayoutError, validate_layout
+
+    cfg = load_config(None, ["parallel.pipeline_parallel=3", "parallel.expert_parallel=3",
+                             "data.global_batch_size=7"])
+    with pytest.raises(LayoutError) as err:
+        validate_layout(cfg, 9, have_te=False)
+    message = str(err.value)
+    for part in ("2 layers are not divisible by PP = 3", "8 experts are not divisible by EP = 3",
+                 "global batch 7 is not divisible by micro batch x DP = 2 x 3 = 6"):
+        assert part in message, message
     cfg = load_config(None, ["model.num_layers=4", "parallel.pipeline_parallel=2",
                              "parallel.virtual_pipeline=2"])
+    assert validate_layout(cfg, 2, have_te=False) == (1, 1)
     assert cfg.parallel.virtual_pipeline_size() == 2
     assert load_config(None, []).parallel.virtual_pipeline_size() is None

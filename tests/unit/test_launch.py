@@ -21,7 +21,7 @@ def layout(overrides: list[str]):
     for text in overrides:
         key, value = text.split("=")
         section, field = key.split(".")
-        value = int(value) if value.isdigit() else value
+        value = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
         setattr(c, section, dataclasses.replace(getattr(c, section), **{field: value}))
     return c
 
@@ -46,6 +46,8 @@ def layout(overrides: list[str]):
      "sequence length 8196 is not divisible by 2 x CP (4) x TP (2, sequence parallelism) = 8"),
     (["data.global_batch_size=1000"], 16,
      "global batch 1000 is not divisible by micro batch x DP = 1 x 16 = 16"),
+    (["parallel.tensor_parallel=2", "parallel.sequence_parallel=false"], 8,
+     "MoE with TP = 2 needs parallel.sequence_parallel=true"),
 ])
 def test_each_rule_rejects_a_bad_layout_with_its_numbers(overrides, world, message):
     with pytest.raises(LayoutError) as err:

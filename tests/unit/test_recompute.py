@@ -16,7 +16,7 @@ EXPERTS = "GroupedLinear"
 def run(*overrides):
     """(op counts, loss, input gradient norm) of one forward + backward of tiny."""
     cfg = load_config(None, ["model.preset=tiny", "data.seq_length=64", *overrides])
-    distributed.initialize(cfg.parallel, seed=1234)
+    distributed.initialize(cfg, seed=1234)
     try:
         (model,) = build_model_chunks(cfg, 128)
         torch.manual_seed(0)
