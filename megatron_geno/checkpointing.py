@@ -33,6 +33,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_geno import checkpoint_trust as trust
+from megatron_geno import compat
 from megatron_geno.checkpoint_trust import CheckpointError
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.files import fsync_path, fsync_tree, write_text_atomic
@@ -282,7 +283,7 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this iteration that was killed
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    _allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
+    compat.allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
     model_sd = _model_sharded_state_dict(model)
     sharded = {
         "model": model_sd,
@@ -360,39 +361,6 @@ def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
             )
 
 
-def _allocate_optimizer_state(optimizer) -> None:
-    """Gives every parameter an (empty) Adam state before a load, or a save before any step.
-
-    With torch's Adam (no Transformer Engine or apex) the state, and its per-parameter 'step', is
-    created lazily at the first step, and megatron-core's DistributedOptimizer.state_dict()
-    asserts on it; loading overwrites these placeholders, step included.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        if inner is None or len(inner.state):
-            continue
-        if opt.init_state_fn is not None:
-            opt.init_state_fn(inner, opt.config)
-        for group in inner.param_groups:
-            for param in group["params"]:
-                inner.state[param].setdefault("step", torch.tensor(0.0))
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """Gives each parameter its own Adam ``step`` tensor after a load.
-
-    Without TE / apex, megatron-core restores one ``step`` tensor object into every parameter's
-    state; torch's Adam increments it in place once per parameter, so the bias correction of
-    the following steps would be wrong.
-    """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if opt.optimizer is None:
-            continue
-        for state in opt.optimizer.state.values():
-            if isinstance(state.get("step"), torch.Tensor):
-                state["step"] = state["step"].clone()
-
-
 def load_checkpoint(
     cfg: TrainConfig, model, optimizer, scheduler, iteration: Optional[int] = None
 ) -> TrainState:
@@ -415,7 +383,7 @@ def load_checkpoint(
                     "schedule and data position; Adam moments start fresh", ckpt,
                     saved_layout.get("optimizers", 1), _num_optimizers(optimizer))
     if not weights_only and not fresh_moments:
-        _allocate_optimizer_state(optimizer)
+        compat.allocate_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
         )
@@ -428,7 +396,7 @@ def load_checkpoint(
         return TrainState()
     if not fresh_moments:
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        compat.unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])

@@ -65,8 +65,7 @@ def main(argv=None) -> int:
     from megatron_geno.lifetime import tie_forked_children
 
     tie_forked_children()  # helper processes die with this one, even on SIGKILL
-    from megatron_geno.checkpointing import CheckpointError
-    from megatron_geno.config import ConfigError, load_config
+    from megatron_geno.config import ConfigError, load_config  # no megatron-core import yet
 
     overrides = list(args.overrides)
     if args.preset:
@@ -88,6 +87,7 @@ def main(argv=None) -> int:
     for name in ("megatron", "megatron.core"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from megatron_geno import distributed
+    from megatron_geno.checkpointing import CheckpointError
     from megatron_geno.train import train
 
     from data_pipeline.shard import ShardError

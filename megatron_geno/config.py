@@ -111,11 +111,19 @@ class OptimizerConfig:
 class ScheduleConfig:
     train_iters: int = 100
     stop_after: Optional[int] = None  # save and stop at this iteration; the schedule still spans train_iters
-    warmup_iters: int = 10
+    warmup_iters: Optional[int] = None  # linear warmup steps; None: warmup_fraction of the schedule
+    warmup_fraction: float = 0.05  # of train_iters, when warmup_iters is not set
     decay_style: str = "cosine"
     eval_interval: int = 50
     eval_iters: int = 2
     seed: int = 1234
+
+
+def warmup_steps(schedule: "ScheduleConfig") -> int:
+    """The warmup length in steps: warmup_iters when set, else warmup_fraction of train_iters."""
+    if schedule.warmup_iters is not None:
+        return schedule.warmup_iters
+    return int(schedule.warmup_fraction * schedule.train_iters)
 
 
 @dataclass
@@ -294,6 +302,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "schedule.train_iters": (0, INF, True, False),  # 0: save the initial checkpoint only
     "schedule.stop_after": (1, INF, True, False),
     "schedule.warmup_iters": (0, INF, True, False),
+    "schedule.warmup_fraction": (0, 1, True, False),
     "schedule.eval_interval": (0, INF, True, False),
     "schedule.eval_iters": (0, INF, True, False),
     "schedule.seed": (0, 2**63 - 1, True, True),
@@ -374,7 +383,7 @@ def validate(cfg: TrainConfig) -> None:
                           f"{cfg.schedule.eval_interval} (or set schedule.eval_interval=0)")
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
-    if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= cfg.schedule.train_iters:
+    if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= max(cfg.schedule.train_iters, 1):
         raise ConfigError(
             f"schedule.warmup_iters={cfg.schedule.warmup_iters} must be smaller than "
             f"schedule.train_iters={cfg.schedule.train_iters}"

@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_geno import platform
+from megatron_geno import compat, platform
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_geno.experts import GroupedExperts, grouped_mm_available
@@ -109,7 +109,7 @@ def transformer_config(
     te = use_transformer_engine(model)  # the layout (CP needs TE, ...) is checked before
     dispatcher = model.moe_token_dispatcher
     if dispatcher == "auto":
-        dispatcher = "alltoall" if torch.cuda.is_available() else "allgather"
+        dispatcher = platform.default_token_dispatcher()
     grouped = te and experts_module(model, parallel, dtype) == "te-grouped"
     sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
     return TransformerConfig(
@@ -200,7 +200,7 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
 def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
     """Returns this pipeline stage's GPTModel chunks: one, or parallel.virtual_pipeline of them
     (chunk v holds virtual stage v; model parallel groups must exist). They share one config."""
-    platform.patch_missing_transformer_engine()
+    compat.patch_missing_transformer_engine()
     dtype = resolve_precision(cfg.precision)
     config = transformer_config(cfg.model, cfg.parallel, dtype)
     te = use_transformer_engine(cfg.model)
@@ -248,7 +248,7 @@ def wrap_ddp(model: GPTModel, cfg: TrainConfig) -> DistributedDataParallel:
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and torch.cuda.is_available(),
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         check_for_nan_in_grad=True,
-        bucket_size=None if torch.cuda.is_available() else 2**62,
+        bucket_size=platform.ddp_bucket_size(),
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 

@@ -6,9 +6,9 @@ events, the CUDA RNG tracker, and a ``.type() == 'torch.cuda.FloatTensor'`` chec
 optimizer. ``activate()`` maps each of these to its CPU equivalent, and only when CUDA is absent:
 production GPU runs never enter this module's patches.
 
-Separately, ``patch_missing_transformer_engine()`` mends two places where megatron-core 0.16.1
-breaks without Transformer Engine / apex (CPU and GPU alike): an undefined symbol in MoE routing
-and the torch-Adam ``step`` state in the reshardable optimizer checkpoint.
+What megatron-core 0.16.1 needs without Transformer Engine / apex on CPU and GPU alike lives in
+``megatron_geno/compat.py``; ``activate()`` applies it too. Every patched target is checked at
+activation (``check_patched_targets``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_geno import compat
 
 log = logging.getLogger(__name__)
 
@@ -64,43 +66,6 @@ def _cpu_rng_set(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
-def patch_missing_transformer_engine() -> None:
-    """Mends megatron-core 0.16.1 where it breaks without Transformer Engine / apex. Idempotent.
-
-    1. ``moe_utils.te_general_gemm`` is imported only inside a try block and then tested with
-       ``is not None``: NameError without TE. Define it as None.
-    2. With torch's Adam, each parameter's optimizer state holds a ``step`` tensor, which the
-       ``fully_reshardable`` checkpoint does not carry per parameter (it restores it from the
-       param groups); ``_set_main_param_and_optimizer_states`` then fails with KeyError 'step'.
-       Hide ``step`` while the loaded tensors are copied in.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    cls = distrib_optimizer.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
-    if getattr(original, "_geno_patched", False):
-        return
-
-    def set_states_keeping_step(self, model_param, tensors):
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        state = self.optimizer.state[main_param]
-        step = state.pop("step", None) if "step" not in tensors else None
-        try:
-            original(self, model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    set_states_keeping_step._geno_patched = True
-    cls._set_main_param_and_optimizer_states = set_states_keeping_step
-
-
 def _recompute_on_cpu_too() -> None:
     """Runs activation recomputation (megatron-core's CheckpointFunction.backward) under the
     CPU mode: the autograd engine does not carry Python torch-function modes into backward, so
@@ -122,6 +87,52 @@ def _recompute_on_cpu_too() -> None:
     CheckpointFunction.backward = staticmethod(backward)
 
 
+# Every megatron-core / torch name this layer replaces or wraps: checked at activation, so a moved
+# name is a clear error instead of a patch that silently does nothing.
+PATCHED_TARGETS = (
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.tensor_parallel.random", "CheckpointFunction"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer"),
+    ("megatron.core.transformer.moe.moe_utils", "topk_routing_with_score_function"),
+    ("torch.cpu", "Stream"),
+    ("torch.cpu", "Event"),
+    ("torch.cpu", "current_stream"),
+)
+
+
+def check_patched_targets() -> None:
+    """Raises RuntimeError naming the first patched target the installed versions lack."""
+    import importlib
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel.random import CheckpointFunction
+
+    for module, name in PATCHED_TARGETS:
+        if not hasattr(importlib.import_module(module), name):
+            raise RuntimeError(f"megatron_geno.platform: {module}.{name} is missing from the "
+                               f"installed packages (megatron-core 0.16.1 expected); the CPU "
+                               f"layer cannot mend it")
+    for owner, name in ((DistributedOptimizer, "_set_main_param_and_optimizer_states"),
+                        (CheckpointFunction, "backward")):
+        if not hasattr(owner, name):
+            raise RuntimeError(f"megatron_geno.platform: {owner.__module__}."
+                               f"{owner.__name__}.{name} is missing (megatron-core 0.16.1 "
+                               f"expected); the CPU layer cannot mend it")
+
+
+def default_token_dispatcher() -> str:
+    """model.moe_token_dispatcher=auto: alltoall with CUDA; allgather on CPU, where megatron-core's
+    alltoall dispatcher waits on a CUDA event for its split sizes (it fails at EP=1)."""
+    return "alltoall" if torch.cuda.is_available() else "allgather"
+
+
+def ddp_bucket_size():
+    """megatron-core DDP's bucket_size: its default with CUDA; one bucket for the whole gradient
+    on CPU (gloo), the setting every CPU parity test was established with."""
+    return None if torch.cuda.is_available() else 2**62
+
+
 def activate() -> bool:
     """Make megatron-core run on CPU; returns True when the CPU layer is (now) active.
 
@@ -135,6 +146,7 @@ def activate() -> bool:
 
     import megatron.core.tensor_parallel.random as mcore_random
 
+    check_patched_targets()
     cuda = torch.cuda
     cuda.current_device = lambda: 0
     cuda.device_count = lambda: 1
@@ -155,7 +167,7 @@ def activate() -> bool:
     mcore_random._get_cuda_rng_state = _cpu_rng_get
     mcore_random._set_cuda_rng_state = _cpu_rng_set
 
-    patch_missing_transformer_engine()
+    compat.patch_missing_transformer_engine()
     _recompute_on_cpu_too()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()

@@ -8,6 +8,7 @@ import signal
 import time
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state
@@ -25,7 +26,7 @@ from megatron_geno.checkpointing import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_geno.config import ConfigError, TrainConfig
+from megatron_geno.config import ConfigError, TrainConfig, warmup_steps
 from megatron_geno.data import build_datasets, microbatches
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
@@ -51,7 +52,7 @@ def build_optimizer(cfg: TrainConfig, model):
     )
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=s.warmup_iters * d.global_batch_size,
+        lr_warmup_steps=warmup_steps(s) * d.global_batch_size,
         lr_decay_steps=max(s.train_iters, 1) * d.global_batch_size, lr_decay_style=s.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=max(s.train_iters, 1) * d.global_batch_size, wd_incr_style="constant",
@@ -188,12 +189,16 @@ def train(cfg: TrainConfig) -> list[dict]:
             chunk.train()
         return total / max(s.eval_iters, 1)
 
+    saved: list[Path] = []
+
     def save() -> None:
         if cfg.checkpoint.save:
             path = save_checkpoint(cfg, model, optimizer, scheduler, state)
+            saved.append(path)
             if rank0 and not cfg.logging.quiet:
                 print(f"# saved checkpoint {path}", flush=True)
 
+    first_iteration, started = state.iteration, time.perf_counter()
     while state.iteration < s.train_iters:
         start = time.perf_counter()
         for chunk in model:
@@ -241,4 +246,31 @@ def train(cfg: TrainConfig) -> list[dict]:
         save()
     if writer:
         writer.close()
+    if rank0:
+        summary = run_summary(cfg, records, state.iteration - first_iteration,
+                              time.perf_counter() - started, saved[-1] if saved else None)
+        if cfg.logging.quiet:
+            log.info("%s", summary.replace("\n", "; "))
+        else:
+            print(summary, flush=True)
     return records
+
+
+def run_summary(cfg: TrainConfig, records: list[dict], steps: int, wall: float,
+                checkpoint: Optional[Path]) -> str:
+    """What a finished run printed last: steps, tokens, time, losses, and where everything is."""
+    d, run_dir = cfg.data, Path(cfg.logging.run_dir)
+    last = records[-1] if records else {}
+    val = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), None)
+    lines = [
+        f"# done: {steps} steps (to iteration {last.get('step', '-')}), "
+        f"{steps * d.global_batch_size * d.seq_length:,d} tokens in {wall:.1f} s",
+        f"#   final loss {last['loss']:.4f}" if "loss" in last else "#   no step logged",
+    ]
+    if val is not None:
+        lines[-1] += f", validation loss {val:.4f}"
+    lines.append(f"#   metrics {run_dir / 'metrics.jsonl'}"
+                 + (f", TensorBoard {run_dir / 'tensorboard'}" if cfg.logging.tensorboard else ""))
+    lines.append(f"#   checkpoint {checkpoint}" if checkpoint else
+                 "#   no checkpoint (set checkpoint.save=DIR to keep one)")
+    return "\n".join(lines)

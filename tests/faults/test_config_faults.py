@@ -77,3 +77,15 @@ def test_launch_refuses_bad_values_before_rendering(tmp_path):
                 "data.seq_length=0", f"logging.run_dir={tmp_path / 'run'}"])
     assert "data.seq_length must be >= 2" in error_line(proc)
     assert not (tmp_path / "run").exists()
+
+
+def test_config_errors_come_before_megatron_core_is_imported():
+    """A bad value is reported without the 5-8 s import of megatron-core."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom megatron_geno.cli import main\n"
+            "rc = main(['--preset', 'tiny', 'data.seq_length=0'])\n"
+            "print(rc, 'megatron.core' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]

@@ -61,3 +61,18 @@ def test_layout_rules_live_in_the_layout_validator_alone():
     assert validate_layout(cfg, 2, have_te=False) == (1, 1)
     assert cfg.parallel.virtual_pipeline_size() == 2
     assert load_config(None, []).parallel.virtual_pipeline_size() is None
+
+
+def test_warmup_is_a_fraction_of_the_schedule_unless_given_in_steps():
+    from megatron_geno.config import warmup_steps
+
+    assert warmup_steps(load_config(None, ["schedule.train_iters=5"]).schedule) == 0
+    assert warmup_steps(load_config(None, ["schedule.train_iters=200"]).schedule) == 10
+    cfg = load_config(None, ["schedule.train_iters=200", "schedule.warmup_fraction=0.25"])
+    assert warmup_steps(cfg.schedule) == 50
+    cfg = load_config(None, ["schedule.train_iters=200", "schedule.warmup_iters=7"])
+    assert warmup_steps(cfg.schedule) == 7
+    with pytest.raises(ConfigError, match="warmup_iters=10 must be smaller than schedule.train_iters=5"):
+        load_config(None, ["schedule.train_iters=5", "schedule.warmup_iters=10"])
+    with pytest.raises(ConfigError, match=r"warmup_fraction must be in \[0, 1\)"):
+        load_config(None, ["schedule.warmup_fraction=1.5"])

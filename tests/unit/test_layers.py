@@ -63,3 +63,16 @@ def test_rmsnorm_matches_torch_and_marks_sequence_parallel():
     torch.testing.assert_close(norm(x), ref(x))
     assert norm.weight.sequence_parallel is False
     assert RMSNorm(_config(tensor_model_parallel_size=2, sequence_parallel=True), 64).weight.sequence_parallel
+
+
+def test_cpu_layer_checks_every_patched_target(monkeypatch):
+    """A megatron-core name the CPU layer patches, gone from the installed version, is a clear
+    error naming it (not a patch that silently does nothing)."""
+    import megatron.core.tensor_parallel.random as mcore_random
+
+    from megatron_geno import platform
+
+    platform.check_patched_targets()  # the pinned megatron-core has every target
+    monkeypatch.delattr(mcore_random, "_get_cuda_rng_state")
+    with pytest.raises(RuntimeError, match="random._get_cuda_rng_state is missing"):
+        platform.check_patched_targets()

@@ -1,0 +1,79 @@
+"""Where megatron-core 0.16.1 breaks without Transformer Engine / apex, on CPU and GPU alike.
+
+The CPU-only accommodations live in megatron_geno/platform.py; these apply to every pip-only run
+(torch's Adam instead of TE's / apex's fused one, no TE kernels).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def patch_missing_transformer_engine() -> None:
+    """Mends megatron-core 0.16.1 where it breaks without Transformer Engine / apex. Idempotent.
+
+    1. ``moe_utils.te_general_gemm`` is imported only inside a try block and then tested with
+       ``is not None``: NameError without TE. Define it as None.
+    2. With torch's Adam, each parameter's optimizer state holds a ``step`` tensor, which the
+       ``fully_reshardable`` checkpoint does not carry per parameter (it restores it from the
+       param groups); ``_set_main_param_and_optimizer_states`` then fails with KeyError 'step'.
+       Hide ``step`` while the loaded tensors are copied in.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls._set_main_param_and_optimizer_states
+    if getattr(original, "_geno_patched", False):
+        return
+
+    def set_states_keeping_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    set_states_keeping_step._geno_patched = True
+    cls._set_main_param_and_optimizer_states = set_states_keeping_step
+
+
+def allocate_optimizer_state(optimizer) -> None:
+    """Gives every parameter an (empty) Adam state before a load, or a save before any step.
+
+    With torch's Adam (no Transformer Engine or apex) the state, and its per-parameter 'step', is
+    created lazily at the first step, and megatron-core's DistributedOptimizer.state_dict()
+    asserts on it; loading overwrites these placeholders, step included.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        if inner is None or len(inner.state):
+            continue
+        if opt.init_state_fn is not None:
+            opt.init_state_fn(inner, opt.config)
+        for group in inner.param_groups:
+            for param in group["params"]:
+                inner.state[param].setdefault("step", torch.tensor(0.0))
+
+
+def unshare_adam_steps(optimizer) -> None:
+    """Gives each parameter its own Adam ``step`` tensor after a load.
+
+    Without TE / apex, megatron-core restores one ``step`` tensor object into every parameter's
+    state; torch's Adam increments it in place once per parameter, so the bias correction of
+    the following steps would be wrong.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if opt.optimizer is None:
+            continue
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
