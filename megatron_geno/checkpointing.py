@@ -392,7 +392,8 @@ def load_checkpoint(
     loaded = trust.trusted_load(sharded, ckpt)
     apply_model_weights(_unwrap(model), loaded["model"], common, ckpt)
     if weights_only:
-        log.info("loaded weights from %s (fresh optimizer, schedule and data position)", ckpt)
+        log.info("%s", resume_report(ckpt, cfg, ["weights"], "fresh optimizer, schedule and data "
+                                     "position"))
         return TrainState()
     if not fresh_moments:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -401,5 +402,52 @@ def load_checkpoint(
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])
     state = TrainState(**loaded["train_state"])
-    log.info("resumed from %s at iteration %d", ckpt, state.iteration)
+    carried = ["weights", "Adam moments" if not fresh_moments else None,
+               f"schedule and data position (iteration {state.iteration}, "
+               f"{state.consumed_samples:,d} samples)",
+               "RNG state" if "rng_state" in loaded else None]
+    fresh = ", ".join(filter(None, ["fresh Adam moments" if fresh_moments else None,
+                                    "fresh RNG state (another layout)"
+                                    if "rng_state" not in loaded else None]))
+    log.info("%s", resume_report(ckpt, cfg, [c for c in carried if c], fresh))
     return state
+
+
+# keys that name where a run reads and writes, not what it computes
+_ROUTINE_KEYS = ("checkpoint.load", "checkpoint.save", "logging.run_dir", "data.cache_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_changes(ckpt: Path, cfg: TrainConfig) -> list[str]:
+    """'key: saved -> now' for every config value that differs from the one the checkpoint was
+    saved with (its config.yaml; empty when it has none)."""
+    import yaml
+
+    path = Path(ckpt) / "config.yaml"
+    try:
+        saved = _flatten(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+    now = _flatten(cfg.to_dict())
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
+            if key not in _ROUTINE_KEYS and saved.get(key) != now.get(key) and key in saved]
+
+
+def resume_report(ckpt: Path, cfg: TrainConfig, carried: list[str], fresh: str = "") -> str:
+    """One line: what a load carried over, what starts fresh, and which settings changed."""
+    changes = config_changes(ckpt, cfg)
+    text = f"loaded {ckpt}: carried over {', '.join(carried)}" + (f"; {fresh}" if fresh else "")
+    if changes:
+        shown = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more"
+                                           if len(changes) > 12 else "")
+        text += f". Changed since it was saved: {shown}"
+    return text

@@ -80,3 +80,22 @@ def test_sigusr1_saves_and_exits_cleanly(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert (ck / "latest").read_text().strip() == str(steps[-1])
     assert (ck / f"iter_{steps[-1]:07d}" / "metadata.json").exists()
+
+
+def test_resume_says_what_changed_and_what_carried_over(tmp_path):
+    from tests.faults.helpers import train
+
+    ck = tmp_path / "ck"
+    assert train(tmp_path / "first", "schedule.train_iters=2", f"checkpoint.save={ck}").returncode == 0
+    proc = train(tmp_path / "second", "schedule.train_iters=4", "optimizer.lr=0.0005",
+                 f"checkpoint.load={ck}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stderr.splitlines() if "carried over" in line)
+    assert ("carried over weights, Adam moments, schedule and data position (iteration 2, "
+            "16 samples), RNG state") in line
+    assert "optimizer.lr: 0.001 -> 0.0005" in line and "schedule.train_iters: 2 -> 4" in line
+    assert "logging.run_dir" not in line  # where a run writes is not a change of what it does
+    proc = train(tmp_path / "third", "schedule.train_iters=2", "checkpoint.weights_only=true",
+                 f"checkpoint.load={ck}")
+    line = next(line for line in proc.stderr.splitlines() if "carried over" in line)
+    assert "carried over weights; fresh optimizer, schedule and data position" in line
