@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     inspect = sub.add_parser("inspect", help="config, iteration, layout and tensors of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--iteration", type=int)
-    verify = sub.add_parser("verify", help="compare Megatron and transformers logits in fp32")
+    verify = sub.add_parser("verify", help="compare Megatron and transformers logits (the Megatron "
+                            "weights rounded to the export's dtype, both computed in fp32)")
     verify.add_argument("--checkpoint", required=True)
     verify.add_argument("--iteration", type=int)
     verify.add_argument("--hf", required=True)
@@ -108,9 +109,16 @@ def main(argv=None) -> int:
             result = verify(args.checkpoint, args.hf, args.tokens, args.iteration,
                             verify_checksums=args.verify_checksums)
             ok = result.max_abs_logit_diff <= args.threshold
-            print(f"tokens {result.tokens}  max |logit diff| {result.max_abs_logit_diff:.3e}  "
-                  f"router top-k agreement {result.router_topk_agreement:.4f}  "
-                  f"{'OK' if ok else 'FAIL'} (threshold {args.threshold:g})")
+            print(f"tokens {result.tokens}  export {result.export_dtype}  max |logit diff| "
+                  f"{result.max_abs_logit_diff:.3e}  cosine {result.cosine:.6f}  top-1 agreement "
+                  f"{result.top1_agreement:.4f}  router top-k agreement "
+                  f"{result.router_topk_agreement:.4f}  {'OK' if ok else 'FAIL'} (threshold "
+                  f"{args.threshold:g})")
+            if result.precision_loss is not None:
+                loss = result.precision_loss
+                print(f"export precision ({result.export_dtype} against the checkpoint's fp32 "
+                      f"weights, for information): max |logit diff| {loss.max_abs_diff:.3e}  "
+                      f"cosine {loss.cosine:.6f}  top-1 agreement {loss.top1:.4f}")
             return 0 if ok else 1
     except (ConversionError, CheckpointError) as err:
         print(f"geno-convert: error: {err}", file=sys.stderr)

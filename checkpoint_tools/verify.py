@@ -13,10 +13,31 @@ from checkpoint_tools.mcore_checkpoint import ConversionError, open_checkpoint
 
 
 @dataclass
+class LogitAgreement:
+    max_abs_diff: float
+    cosine: float  # mean over tokens of the cosine similarity of the two logit vectors
+    top1: float  # fraction of tokens whose most likely next token agrees
+
+
+def compare_logits(ref: torch.Tensor, out: torch.Tensor) -> LogitAgreement:
+    ref, out = ref.reshape(-1, ref.shape[-1]).double(), out.reshape(-1, out.shape[-1]).double()
+    return LogitAgreement(
+        max_abs_diff=(ref - out).abs().max().item(),
+        cosine=torch.nn.functional.cosine_similarity(ref, out, dim=-1).mean().item(),
+        top1=(ref.argmax(-1) == out.argmax(-1)).double().mean().item())
+
+
+@dataclass
 class VerifyResult:
-    max_abs_logit_diff: float
+    max_abs_logit_diff: float  # Megatron (weights rounded to the export dtype) vs transformers
     router_topk_agreement: float  # fraction of (token, layer) whose top-k expert sets agree
     tokens: int
+    cosine: float = 1.0
+    top1_agreement: float = 1.0
+    export_dtype: str = "float32"
+    # bf16 exports only: the checkpoint's own (fp32) logits against the export's, i.e. what the
+    # export precision costs, reported beside the conversion check
+    precision_loss: Optional[LogitAgreement] = None
 
 
 def dna_tokens(length: int, seed: int = 0) -> torch.Tensor:
@@ -28,8 +49,10 @@ def dna_tokens(length: int, seed: int = 0) -> torch.Tensor:
 
 
 def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Tensor,
-                    verify_checksums: bool = True):
-    """Returns (logits [1, s, V], per-layer routing maps) from the checkpoint at TP=PP=EP=1."""
+                    verify_checksums: bool = True, round_to: torch.dtype = torch.float32):
+    """Returns (logits [1, s, V], per-layer routing maps, and with round_to other than fp32 the
+    logits of the unrounded weights) from the checkpoint at TP=PP=EP=1, computed in fp32 with
+    the weights rounded to round_to (the export's dtype)."""
     from megatron.core.transformer.moe.router import TopKRouter
 
     from megatron_geno import distributed
@@ -53,9 +76,14 @@ def megatron_logits(checkpoint: Path, iteration: Optional[int], tokens: torch.Te
         if isinstance(module, TopKRouter):
             module.register_forward_hook(hook)
     positions = torch.arange(tokens.shape[1])[None]
+    exact = None
     with torch.no_grad():
+        if round_to != torch.float32:
+            exact = model(tokens, positions, None).float()
+            for param in model.parameters():
+                param.copy_(param.to(round_to).float())
         logits = model(tokens, positions, None)
-    return logits.float(), routes
+    return logits.float(), routes, exact
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor):
@@ -93,7 +121,9 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, length: int = 2048,
            verify_checksums: bool = True) -> VerifyResult:
     """Compares fp32 logits and router top-k choices of the two formats on one DNA sequence."""
     tokens = dna_tokens(length, seed)
-    ref, ref_routes = megatron_logits(Path(checkpoint), iteration, tokens, verify_checksums)
+    export_dtype = export_dtype_of(Path(hf_dir))
+    ref, ref_routes, exact = megatron_logits(Path(checkpoint), iteration, tokens,
+                                             verify_checksums, EXPORT_DTYPES[export_dtype])
     out, out_routes = hf_logits(Path(hf_dir), tokens)
     if ref.shape != out.shape:
         raise ConversionError(f"logit shapes differ: megatron {tuple(ref.shape)} vs HF {tuple(out.shape)}")
@@ -101,8 +131,29 @@ def verify(checkpoint: str | Path, hf_dir: str | Path, length: int = 2048,
         (ref_routes[layer] == out_routes[layer]).all(dim=-1).float().mean().item()
         for layer in sorted(ref_routes)
     ]
+    logits = compare_logits(ref, out)
     return VerifyResult(
-        max_abs_logit_diff=(ref - out).abs().max().item(),
+        max_abs_logit_diff=logits.max_abs_diff,
         router_topk_agreement=float(np.mean(agree)) if agree else 1.0,
-        tokens=length,
+        tokens=length, cosine=logits.cosine, top1_agreement=logits.top1,
+        export_dtype=export_dtype,
+        precision_loss=compare_logits(exact, out) if exact is not None else None,
     )
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_dtype_of(hf_dir: Path) -> str:
+    """The export's weight dtype from config.json's torch_dtype (float32 when absent)."""
+    import json
+
+    try:
+        config = json.loads((hf_dir / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"cannot read {hf_dir / 'config.json'} ({err})") from None
+    dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
+    if dtype not in EXPORT_DTYPES:
+        raise ConversionError(f"{hf_dir / 'config.json'}: torch_dtype {dtype!r} is not one of "
+                              f"{', '.join(EXPORT_DTYPES)}")
+    return dtype

@@ -30,20 +30,7 @@ def quiet_env() -> dict:
 
 def geno_train(run_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600) -> list[dict]:
     """Runs geno-train under torchrun with nproc processes; returns metrics.jsonl records."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", str(free_port()), "-m", "megatron_geno.cli", *BASE,
-        f"logging.run_dir={run_dir}", f"data.cache_dir={run_dir.parent / 'data_cache'}",
-        *overrides,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=quiet_env())
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"geno-train failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}"
-            f"\n{proc.stderr[-6000:]}"
-        )
-    metrics = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return geno_train_logged(run_dir, *overrides, nproc=nproc, timeout=timeout)[0]
 
 
 def geno_train_logged(run_dir: Path, *overrides: str, nproc: int = 1,
@@ -57,10 +44,14 @@ def geno_train_logged(run_dir: Path, *overrides: str, nproc: int = 1,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=quiet_env())
     if proc.returncode != 0:
-        raise AssertionError(f"geno-train failed ({proc.returncode}): {' '.join(cmd)}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"geno-train failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-4000:]}"
+            f"\n{proc.stderr[-6000:]}"
+        )
     metrics = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines()], proc.stderr
+    records = ([json.loads(line) for line in metrics.read_text().splitlines()]
+               if metrics.exists() else [])
+    return records, proc.stderr
 
 
 def losses(records: list[dict]) -> list[float]:

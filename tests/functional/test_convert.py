@@ -52,8 +52,24 @@ def test_transformers_logits_match_megatron(trained, name):
                         "--tokens", "2048")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     diff = float(re.search(r"max \|logit diff\| (\S+)", proc.stdout).group(1))
-    agreement = float(re.search(r"agreement (\S+)", proc.stdout).group(1))
+    agreement = float(re.search(r"router top-k agreement (\S+)", proc.stdout).group(1))
     assert diff < 1e-4 and agreement == 1.0, proc.stdout
+
+
+def test_bf16_export_verifies_at_its_own_precision(trained, tmp_path):
+    """A bf16 export passes verify's default threshold (the Megatron weights are rounded to bf16
+    too), and verify reports beside it what bf16 costs against the fp32 checkpoint."""
+    proc = geno_convert("to-hf", "--checkpoint", str(trained / "ep2"), "--out",
+                        str(tmp_path / "hf"), "--dtype", "bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = geno_convert("verify", "--checkpoint", str(trained / "ep2"), "--hf", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "export bfloat16" in proc.stdout and "OK" in proc.stdout
+    loss = re.search(r"export precision .* max \|logit diff\| (\S+)  cosine (\S+)  top-1 "
+                     r"agreement (\S+)", proc.stdout)
+    assert loss, proc.stdout
+    assert float(loss.group(1)) > 1e-4  # rounding to bf16 is visible ...
+    assert float(loss.group(2)) > 0.999 and float(loss.group(3)) > 0.95  # ... and small
 
 
 def test_auto_classes_load_without_remote_code(trained):
