@@ -20,6 +20,8 @@ examples:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="geno-convert", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the known third-party warnings hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="torch_dist checkpoint -> HuggingFace Mixtral directory")
     to_hf.add_argument("--checkpoint", required=True, help="save dir (uses 'latest') or iter_N dir")
@@ -79,9 +81,9 @@ def main(argv=None) -> int:
     from megatron_geno.lifetime import tie_forked_children
 
     tie_forked_children()  # helper processes die with this one, even on SIGKILL
-    from megatron_geno.cli import quiet_megatron_import_warnings
+    from megatron_geno.quiet import quiet_known_warnings
 
-    quiet_megatron_import_warnings()
+    quiet_known_warnings(args.verbose)
     from tqdm import tqdm
 
     from checkpoint_tools.mcore_checkpoint import ConversionError

@@ -36,6 +36,8 @@ def _size(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="geno-preprocess", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the known third-party warnings hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="tokenize assemblies into OUT/shards (resumable)")
     run.add_argument("fasta", nargs="*", help="FASTA paths (instead of --manifest)")
@@ -97,6 +99,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from megatron_geno.quiet import quiet_known_warnings
+
+    quiet_known_warnings(args.verbose)  # export-megatron's megatron-core INFO lines
     from megatron_geno.lifetime import tie_forked_children
 
     tie_forked_children()  # helper processes die with this one, even on SIGKILL

@@ -34,6 +34,8 @@ from its own latest checkpoint (checkpoint.auto_resume).
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="geno-launch", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the known third-party warnings hidden by default")
     parser.add_argument("--recipe", help="recipe name (see --list) or YAML path")
     parser.add_argument("--list", action="store_true", help="list the bundled recipes")
     parser.add_argument("--nodes", type=int, default=1)
@@ -73,9 +75,9 @@ def commands(args, config: Path, recipe: str) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from megatron_geno.cli import quiet_megatron_import_warnings
+    from megatron_geno.quiet import quiet_known_warnings
 
-    quiet_megatron_import_warnings()
+    quiet_known_warnings(args.verbose)
     from launch.plan import LayoutError, format_plan, plan
     from launch.recipe import RECIPE_DIR, load_recipe
     from megatron_geno.config import ConfigError

@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 
 EPILOG = """\
 examples:
@@ -34,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="print total and active parameter counts without building the model")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the known third-party warnings hidden by default")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     return parser.parse_intermixed_args(argv)
 
@@ -53,15 +54,11 @@ def print_params(cfg) -> None:
               f"(ours {counts['total'] / total - 1:+.1%}, {counts['active'] / active - 1:+.1%})")
 
 
-def quiet_megatron_import_warnings() -> None:
-    """megatron-core warns at import that TE/apex are absent; the CPU path expects that."""
-    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed"):
-        warnings.filterwarnings("ignore", message=text)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    quiet_megatron_import_warnings()
+    from megatron_geno.quiet import quiet_known_warnings
+
+    quiet_known_warnings(args.verbose)
     from megatron_geno.lifetime import tie_forked_children
 
     tie_forked_children()  # helper processes die with this one, even on SIGKILL
@@ -84,8 +81,7 @@ def main(argv=None) -> int:
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("megatron", "megatron.core"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_known_warnings(args.verbose)  # again: basicConfig set the levels
     from megatron_geno import distributed
     from megatron_geno.checkpointing import CheckpointError
     from megatron_geno.train import train

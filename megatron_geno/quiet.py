@@ -1,0 +1,36 @@
+"""Known third-party warnings, hidden by default (every CLI's --verbose shows them).
+
+Each entry was seen on this project's own paths and says nothing a user can act on: megatron-core
+noting that Transformer Engine / apex are absent (the pip-only path expects that), deprecations
+inside megatron-core and torch, megatron-core's own note that zeroing fp32 shard groups touches
+non-leaf .grad (distrib_optimizer.py says so itself), and its rerun state machine's start-up lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+KNOWN_WARNINGS = (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed",
+    "full scope is deprecated",
+    "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+    r"`torch.distributed.reduce_scatter_tensor` is deprecated",
+    r"`torch.distributed.all_gather_into_tensor` is deprecated",
+    "The 'megatron.core.transformer.custom_layers.transformer_engine'",
+    "__array__ implementation doesn't accept a copy keyword",
+)
+# megatron-core loggers whose INFO / WARNING start-up lines are noise here
+QUIET_LOGGERS = ("megatron", "megatron.core", "megatron.core.rerun_state_machine",
+                 "megatron.core.datasets")
+
+
+def quiet_known_warnings(verbose: bool = False) -> None:
+    """Hides KNOWN_WARNINGS and megatron-core's chatty loggers, unless verbose."""
+    if verbose:
+        return
+    for text in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{text}")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
