@@ -3,7 +3,9 @@
 The recipe (launch/recipes/*.yaml or a path) is a geno-train config plus a `launch` section.
 Before anything starts, the layout is checked against the world size and the model; the derived
 numbers are printed; the resolved config is written to RUN_DIR/launch/<recipe>.yaml; then
-torchrun (one node) or sbatch (SLURM) runs it. --dry-run stops after printing the command.
+torchrun (one node) or sbatch (SLURM; always for more than one node) runs it with the Python that
+runs geno-launch (--python to name another). --dry-run writes the config and prints the command
+exactly as the real run would execute it, then stops.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ HERE = Path(__file__).resolve().parent
 EPILOG = """\
 examples:
   geno-launch --recipe genos-1.2b-8k --nodes 16 --gpus-per-node 8 --dry-run
-  geno-launch --recipe genos-10b-32k --nodes 32 --gpus-per-node 8 --slurm --time 48:00:00 \\
-      --account bio "data.blend=[1, /lustre/corpora/human]"
+  geno-launch --recipe genos-10b-32k --nodes 32 --gpus-per-node 8 --time 48:00:00 \\
+      --account bio --container nvcr.io/me/megatron-geno:latest "data.blend=[1, /lustre/corpora/human]"
   geno-launch --recipe my-recipe.yaml --nodes 1 --gpus-per-node 8 --torchrun
   geno-launch --list
 
@@ -47,6 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--time", help="SLURM time limit (sbatch --time)")
     parser.add_argument("--partition", help="SLURM partition")
     parser.add_argument("--account", help="SLURM account")
+    parser.add_argument("--container", metavar="IMAGE",
+                        help="run the SLURM job in this image: pyxis/enroot (srun "
+                        "--container-image) or, for a .sif file, Apptainer; the project's docker/ "
+                        "image, which has Transformer Engine")
+    parser.add_argument("--python", metavar="PATH",
+                        help="the interpreter that runs geno-train (default: the one running "
+                        "geno-launch; python3 inside a --container)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="geno-train config overrides, applied after the recipe")
     return parser.parse_intermixed_args(argv)
@@ -60,17 +69,25 @@ def have_transformer_engine() -> bool:
     return True
 
 
+def interpreter(args) -> str:
+    """The Python that runs geno-train: --python, else python3 in a container, else this one."""
+    return args.python or ("python3" if args.container else sys.executable)
+
+
 def commands(args, config: Path, recipe: str) -> list[str]:
-    """Returns the command that starts the run (torchrun script or sbatch)."""
+    """Returns the command that starts the run (torchrun script or sbatch), exactly as run."""
+    python = interpreter(args)
     if args.slurm:
+        export = f"--export=ALL,PYTHON={python}" + (f",GENO_CONTAINER={args.container}"
+                                                     if args.container else "")
         cmd = ["sbatch", f"--nodes={args.nodes}", f"--gpus-per-node={args.gpus_per_node}",
-               f"--job-name={recipe}", f"--output={config.parent}/slurm-%j.out"]
+               f"--job-name={recipe}", f"--output={config.parent}/slurm-%j.out", export]
         for flag in ("time", "partition", "account"):
             if getattr(args, flag):
                 cmd.append(f"--{flag}={getattr(args, flag)}")
         return cmd + [str(HERE / "slurm" / "geno.sbatch"), str(config)]
-    return ["env", f"GPUS_PER_NODE={args.gpus_per_node}", "bash", str(HERE / "torchrun.sh"),
-            str(config)]
+    return ["env", f"GPUS_PER_NODE={args.gpus_per_node}", f"PYTHON={python}", "bash",
+            str(HERE / "torchrun.sh"), str(config)]
 
 
 def main(argv=None) -> int:
@@ -91,12 +108,19 @@ def main(argv=None) -> int:
             raise ConfigError("--recipe is required (see --list)")
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
-        if args.nodes > 1 and not args.slurm and not args.dry_run:
-            raise ConfigError(f"--nodes {args.nodes} needs --slurm (torchrun.sh runs one node)")
+        if args.nodes > 1 and args.torchrun:
+            raise ConfigError(f"--nodes {args.nodes} needs SLURM (torchrun.sh runs one node); "
+                              f"drop --torchrun")
+        args.slurm = args.slurm or args.nodes > 1  # several nodes: always a SLURM job
+        if args.container and not args.slurm:
+            raise ConfigError("--container is for SLURM jobs (--slurm); on this node, run "
+                              "geno-launch inside the image")
         cfg, launch, path = load_recipe(args.recipe, args.overrides)
         world = args.nodes * args.gpus_per_node
-        # sbatch jobs run in the GPU image, which has Transformer Engine
-        result = plan(cfg, world, have_transformer_engine() or args.slurm, launch.token_budget)
+        # Transformer Engine where the job runs: the project's image has it; otherwise the job
+        # runs this environment, so what imports here is what it gets
+        result = plan(cfg, world, bool(args.container) or have_transformer_engine(),
+                      launch.token_budget)
     except (ConfigError, LayoutError) as err:
         print(f"geno-launch: error: {err}", file=sys.stderr)
         return 2
@@ -105,12 +129,12 @@ def main(argv=None) -> int:
     print(format_plan(cfg, result, launch.token_budget))
     config = Path(cfg.logging.run_dir) / "launch" / f"{launch.name}.yaml"
     cmd = commands(args, config, launch.name)
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(cfg.to_yaml())  # a dry run writes it too: the printed command runs as is
     print(f"config     {config}")
     print(f"command    {shlex.join(cmd)}")
     if args.dry_run:
         return 0
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(cfg.to_yaml())
     return subprocess.call(cmd, env=dict(os.environ))
 
 

@@ -63,8 +63,9 @@ def layout_violations(cfg: TrainConfig, world_size: int, have_te: bool) -> list[
     if cp > 1 and (m.attention_backend == "sdpa" or not have_te):
         reason = ("model.attention_backend=sdpa" if m.attention_backend == "sdpa"
                   else "Transformer Engine is not available where the job runs")
-        faults.append(f"CP = {cp} needs Transformer Engine's attention, but {reason}; use the "
-                      f"docker image or set parallel.context_parallel=1")
+        faults.append(f"CP = {cp} needs Transformer Engine's attention, but {reason}; run in "
+                      f"the project's GPU image (geno-launch --container IMAGE, see docker/), "
+                      f"install the [gpu] extra, or set parallel.context_parallel=1")
     return faults
 
 

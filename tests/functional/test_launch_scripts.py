@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from megatron_geno.distributed import free_port
@@ -90,8 +91,15 @@ def recipe(tmp: Path, name: str, seq: int, extra: dict) -> Path:
     return path
 
 
-def geno_launch(*args) -> subprocess.CompletedProcess:
-    env = dict(quiet_env(), PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+def geno_launch(*args, tmp: Path) -> subprocess.CompletedProcess:
+    """geno-launch with a python3 on PATH that cannot run geno-train and no PYTHON set: the run
+    must use the interpreter that runs geno-launch."""
+    bin_dir = tmp / "wrong_python"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").write_text("#!/bin/sh\necho 'not the right python' >&2\nexit 3\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in quiet_env().items() if k != "PYTHON"}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", MASTER_PORT=str(free_port()))
     return subprocess.run([sys.executable, "-m", "launch.cli", *map(str, args)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
@@ -102,7 +110,8 @@ def test_phase_handoff_keeps_weights_and_starts_a_fresh_schedule(tmp_path):
     two = recipe(tmp_path, "phase2", 256, {"phase": 2, "checkpoint": {
         "save": str(tmp_path / "ckpt2"), "load": str(tmp_path / "ckpt1"), "weights_only": True}})
     for r in (one, two):
-        proc = geno_launch("--recipe", r, "--nodes", 1, "--gpus-per-node", 2, "--torchrun")
+        proc = geno_launch("--recipe", r, "--nodes", 1, "--gpus-per-node", 2, "--torchrun",
+                           tmp=tmp_path)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         assert "6 steps" in proc.stdout  # token budget / tokens per step
     first, second = metrics(tmp_path / "phase1"), metrics(tmp_path / "phase2")
@@ -114,3 +123,41 @@ def test_phase_handoff_keeps_weights_and_starts_a_fresh_schedule(tmp_path):
                        "schedule.warmup_iters=1", "optimizer.lr=3e-3", nproc=1)
     assert second[0]["loss"] < fresh[0]["loss"] - 0.3, (second[0], fresh[0], first[-1])
     assert int((tmp_path / "ckpt2" / "latest").read_text()) == 6
+
+
+LOGGING_SRUN = """#!/usr/bin/env bash
+# stand-in srun that records its options, then runs the command here
+echo "$*" >> "$SRUN_LOG"
+while [[ $# -gt 0 && $1 == --* ]]; do shift; done
+exec "$@"
+"""
+APPTAINER = """#!/usr/bin/env bash
+# stand-in apptainer: record the call, drop 'exec', its options and the image, run the command
+echo "$*" >> "$SRUN_LOG"
+shift
+while [[ $1 == --* ]]; do [[ $1 == --bind ]] && shift; shift; done
+shift
+exec "$@"
+"""
+
+
+@pytest.mark.parametrize("image", ["nvcr.io/lab/megatron-geno:1", "/images/megatron-geno.sif"])
+def test_sbatch_runs_in_the_named_container(tmp_path, image):
+    env = slurm_env(tmp_path)
+    for name, text in (("srun", LOGGING_SRUN), ("apptainer", APPTAINER)):
+        (tmp_path / "bin" / name).write_text(text)
+        (tmp_path / "bin" / name).chmod(0o755)
+    env.update(GENO_CONTAINER=image, SRUN_LOG=str(tmp_path / "srun.log"))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "schedule": {**TINY["schedule"], "train_iters": 3},
+                                      "logging": {**TINY["logging"], "run_dir": str(tmp_path / "r")},
+                                      "data": {**TINY["data"], "cache_dir": str(tmp_path / "dc")}}))
+    proc = subprocess.run(["bash", str(ROOT / "launch/slurm/geno.sbatch"), str(config)], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (tmp_path / "srun.log").read_text()
+    if image.endswith(".sif"):
+        assert f"exec --nv --bind {ROOT} {image} {sys.executable} -m torch.distributed.run" in log
+    else:
+        assert f"--container-image={image} --container-mounts={ROOT}:{ROOT}" in log
+    assert len(metrics(tmp_path / "r")) == 3
