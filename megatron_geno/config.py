@@ -84,6 +84,11 @@ class DataConfig:
     source: str = "synthetic"
     blend: list = field(default_factory=list)  # [weight, path, weight, path, ...] or [path, ...]
     split: str = "98,1,1"  # document split of synthetic / megatron sources (zarr: the manifest's)
+    # megatron source: prefixes of the validation and test sets, as Megatron-LM's
+    # --valid-data-path / --test-data-path ([weight, prefix, ...] or [prefix, ...]); with either,
+    # or with geno-preprocess export prefixes (P_train / P_valid / P_test), data.split is unused
+    valid_blend: list = field(default_factory=list)
+    test_blend: list = field(default_factory=list)
     reverse_complement_prob: float = 0.0  # reverse-complement a sample with this probability
     reset_attention_mask: bool = False  # no attention across documents (EOD) within a sample
     reset_position_ids: bool = False  # positions restart at each document

@@ -119,6 +119,45 @@ def check_prefixes(paths: list[str], split: str) -> None:
                 )
 
 
+def _is_prefix(prefix: str) -> bool:
+    return os.path.exists(prefix + ".bin") and os.path.exists(prefix + ".idx")
+
+
+def megatron_blend_per_split(d, needed: list[bool]) -> Optional[list]:
+    """megatron-core's blend_per_split for data.source=megatron, or None to split by data.split.
+
+    Per split when data.valid_blend / data.test_blend is given, or when a blend entry P is a
+    geno-preprocess export (P_train, P_valid, P_test exist instead of P): train from data.blend
+    (P_train for an export), valid and test from their blends or the exports' P_valid / P_test.
+    """
+    paths, weights = parse_blend(d.blend)
+    exported = [p for p in paths if not _is_prefix(p) and _is_prefix(f"{p}_train")]
+    if not (d.valid_blend or d.test_blend or exported):
+        return None
+    per_split = []
+    for split, extra, need in (("train", None, needed[0]), ("valid", d.valid_blend, needed[1]),
+                               ("test", d.test_blend, needed[2])):
+        if split == "train":
+            chosen = [f"{p}_train" if p in exported else p for p in paths]
+            chosen_weights = weights
+        elif extra:
+            chosen, chosen_weights = parse_blend(extra)
+        else:
+            keep = [i for i, p in enumerate(paths) if p in exported and _is_prefix(f"{p}_{split}")]
+            chosen = [f"{paths[i]}_{split}" for i in keep]
+            chosen_weights = [weights[i] for i in keep] if weights else None
+        for prefix in chosen:
+            if not _is_prefix(prefix):
+                raise ConfigError(f"data.{'blend' if split == 'train' else split + '_blend'}: "
+                                  f"{prefix}.bin / .idx do not exist")
+        if need and not chosen:
+            raise ConfigError(f"data.source=megatron: no {split} data; give data.{split}_blend, "
+                              f"export a {split} split with geno-preprocess, or set "
+                              f"schedule.eval_interval=0")
+        per_split.append((chosen, chosen_weights) if chosen else None)
+    return per_split
+
+
 ZARR_MARK = "::"  # a zarr dataset path is CORPUS::SPLIT::CONTENT_HASH
 
 
@@ -199,6 +238,10 @@ def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
     sources: dict = {}
     if d.source == "zarr":
         per_split = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False])
+        sizes = [size if blend else None for size, blend in zip(sizes, per_split)]
+        sources["blend_per_split"] = per_split
+    elif d.source == "megatron" and (per_split := megatron_blend_per_split(
+            d, [True, eval_runs > 0, False])) is not None:
         sizes = [size if blend else None for size, blend in zip(sizes, per_split)]
         sources["blend_per_split"] = per_split
     else:
