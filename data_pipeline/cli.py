@@ -146,8 +146,12 @@ def _dispatch(args) -> int:
         return 0 if ok else 1
     from data_pipeline.export import export_megatron
 
-    for split, prefix in export_megatron(args.corpus, args.prefix).items():
-        print(f"{split}: {prefix}.bin / {prefix}.idx")
+    written = export_megatron(args.corpus, args.prefix)
+    for split in ("train", "valid", "test"):
+        if split in written:
+            print(f"{split}: {written[split]}.bin / {written[split]}.idx")
+        else:
+            print(f"{split}: no documents in this split, nothing written")
     return 0
 
 

@@ -46,8 +46,11 @@ def print_params(cfg) -> None:
     vocab = resolve_padded_vocab(cfg.model, VOCAB_SIZE, 1)
     counts = count_parameters(cfg.model, vocab)
     print(f"preset {cfg.model.preset}: padded vocab {vocab}")
-    print(f"  total parameters : {counts['total']:>15,d}  ({counts['total'] / 1e9:.3f} B)")
-    print(f"  active per token : {counts['active']:>15,d}  ({counts['active'] / 1e9:.3f} B)")
+    def short(n: int) -> str:
+        return f"{n / 1e9:.3f} B" if n >= 1e8 else f"{n / 1e6:.3f} M"
+
+    print(f"  total parameters : {counts['total']:>15,d}  ({short(counts['total'])})")
+    print(f"  active per token : {counts['active']:>15,d}  ({short(counts['active'])})")
     if cfg.model.preset in PUBLISHED_PARAMS:
         total, active = PUBLISHED_PARAMS[cfg.model.preset]
         print(f"  published        : {total / 1e9:.2f} B total, {active / 1e9:.2f} B active "
