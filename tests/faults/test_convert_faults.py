@@ -135,16 +135,32 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_from_hf_checks_everything_before_writing(exported, tmp_path, case):
+    """In-process (the checks run before any process group or write); the CLI's exit code and
+    one-line form are the same ConversionError path, checked once below."""
+    from checkpoint_tools.from_hf import hf_to_mcore
+    from checkpoint_tools.mcore_checkpoint import ConversionError
+
     edits, culprit = CASES[case]
     hf = spoiled_hf(exported, tmp_path, **edits)
     before = tree(tmp_path)
-    line = error_line(convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "imp")))
-    assert culprit in line, line
+    with pytest.raises(ConversionError) as err:
+        hf_to_mcore(hf, tmp_path / "imp")
+    assert culprit in str(err.value) and "\n" not in str(err.value), str(err.value)
     assert tree(tmp_path) == before
 
 
+def test_from_hf_refusal_is_one_line_exit_2(exported, tmp_path):
+    hf = spoiled_hf(exported, tmp_path, edit_tensors=_wrong_vocab)
+    before = tree(tmp_path)
+    line = error_line(convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "imp")))
+    assert "model.embed_tokens.weight" in line and tree(tmp_path) == before
+
+
 def test_from_hf_without_config_json(exported, tmp_path):
+    from checkpoint_tools.from_hf import hf_to_mcore
+    from checkpoint_tools.mcore_checkpoint import ConversionError
+
     hf = spoiled_hf(exported, tmp_path)
     (hf / "config.json").unlink()
-    line = error_line(convert("from-hf", "--hf", str(hf), "--out", str(tmp_path / "imp")))
-    assert "config.json" in line
+    with pytest.raises(ConversionError, match="config.json"):
+        hf_to_mcore(hf, tmp_path / "imp")
