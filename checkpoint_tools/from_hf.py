@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, current_hf_shapes, hf_names,
-                                     hf_shapes, merge_qkv)
+from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, SAFETENSORS_DTYPES,
+                                     current_hf_shapes, hf_names, hf_shapes, merge_qkv)
 from checkpoint_tools.mcore_checkpoint import ConversionError
 from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from checkpoint_tools.torch_dist_writer import TorchDistWriter
@@ -100,8 +100,6 @@ def model_config_from_hf(config: dict) -> ModelConfig:
     )
 
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
 WEIGHT_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 _PLAIN_FILE = re.compile(r"^[A-Za-z0-9_.\-]+\.safetensors$")
 

@@ -51,6 +51,10 @@ RULES = [
          ("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",), "expert"),
 ]
 
+# safetensors dtype names (the file format's own) <-> torch dtypes, both directions of conversion
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
 # transformers >= 5 names the same tensors differently (fused experts); from-hf reads both.
 CURRENT_HF_NAMES = {
     "router": "model.layers.{layer}.mlp.gate.weight",

@@ -10,26 +10,26 @@ import torch
 import yaml
 
 from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
-from checkpoint_tools.mapping import RULES, hf_names, to_hf_tensors
+from checkpoint_tools.mapping import RULES, SAFETENSORS_DTYPES, hf_names, to_hf_tensors
 from checkpoint_tools.mcore_checkpoint import ConversionError, McoreCheckpoint, open_checkpoint
 from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from megatron_geno.config import ModelConfig
+from megatron_geno.units import parse_size
 from megatron_geno.tokenizer import BOS, EOD, PAD
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KNOWN_KEYS = {rule.mcore for rule in RULES}
 
 
-def parse_size(text: str) -> int:
-    """Returns bytes from '5GB', '500MB', '2GiB' or a plain number."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    upper = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if upper.endswith(unit) and upper[: -len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(upper[: -len(unit)]) * units[unit])
-    if upper.isdigit():
-        return int(upper)
-    raise ConversionError(f"--shard-size {text!r} is not a size like 5GB or 500MB")
+def shard_bytes(text: str) -> int:
+    """--shard-size in bytes (megatron_geno.units.parse_size); ConversionError naming the flag."""
+    try:
+        size = parse_size(text)
+    except ValueError as err:
+        raise ConversionError(f"--shard-size: {err}") from None
+    if size < 1:
+        raise ConversionError(f"--shard-size must be positive, got {text!r}")
+    return size
 
 
 def check_representable(ckpt: McoreCheckpoint, model: ModelConfig) -> None:
@@ -81,7 +81,7 @@ def hf_config(model: ModelConfig, dtype: str) -> dict:
     }
 
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class ShardWriter:
@@ -114,7 +114,7 @@ class ShardWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for i, (name, shape) in enumerate(self.plan):
             if self.file_of[i] == file:
-                header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                header[name] = {"dtype": SAFETENSORS_NAMES[self.dtype], "shape": list(shape),
                                 "data_offsets": [offset, offset + self.sizes[i]]}
                 offset += self.sizes[i]
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -190,7 +190,7 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
         raise ConversionError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     out = Path(out)
     check_out(out)
-    max_bytes = parse_size(shard_size)
+    max_bytes = shard_bytes(shard_size)
     ckpt = open_checkpoint(checkpoint, iteration, verify_checksums)
     model = ckpt.model
     check_representable(ckpt, model)

@@ -25,12 +25,12 @@ manifest.tsv (tab-separated, header row; md5 and split optional):
 
 
 def _size(text: str) -> int:
-    units = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
-    t = text.strip().lower().rstrip("b").rstrip("p")
+    from megatron_geno.units import parse_size
+
     try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1G, 500M)") from None
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:

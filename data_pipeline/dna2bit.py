@@ -27,8 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from zarr.abc.codec import BytesBytesCodec
-from zarr.core.buffer.cpu import as_numpy_array_wrapper
-from zarr.core.common import parse_named_configuration
 from zarr.registry import register_codec
 
 from megatron_geno.vocab import VOCAB
@@ -219,21 +217,23 @@ class DNA2BitCodec(BytesBytesCodec):
 
     @classmethod
     def from_dict(cls, data):
-        parse_named_configuration(data, NAME, require_configuration=False)
+        name = data.get("name") if isinstance(data, dict) else data
+        if name != NAME or (isinstance(data, dict) and data.get("configuration")):
+            raise ValueError(f"expected the codec {NAME!r} without configuration, got {data!r}")
         return cls()
 
     def to_dict(self):
         return {"name": NAME}
 
+    # zarr's public Buffer methods only: as_numpy_array() in, prototype.buffer.from_bytes() out
     def _decode_sync(self, chunk_bytes, chunk_spec):
-        return as_numpy_array_wrapper(lambda a: decode(a).tobytes(), chunk_bytes,
-                                      chunk_spec.prototype)
+        return chunk_spec.prototype.buffer.from_bytes(decode(chunk_bytes.as_numpy_array()).tobytes())
 
     async def _decode_single(self, chunk_bytes, chunk_spec):
         return await asyncio.to_thread(self._decode_sync, chunk_bytes, chunk_spec)
 
     def _encode_sync(self, chunk_bytes, chunk_spec):
-        return as_numpy_array_wrapper(encode, chunk_bytes, chunk_spec.prototype)
+        return chunk_spec.prototype.buffer.from_bytes(bytes(encode(chunk_bytes.as_numpy_array())))
 
     async def _encode_single(self, chunk_bytes, chunk_spec):
         return await asyncio.to_thread(self._encode_sync, chunk_bytes, chunk_spec)
