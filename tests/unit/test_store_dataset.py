@@ -90,3 +90,22 @@ def test_missing_valid_split_is_a_config_error(tmp_path):
         datasets(tmp_path / "c", tmp_path)
     with pytest.raises(ConfigError, match="manifest.json does not exist"):
         datasets(tmp_path / "nowhere", tmp_path)
+
+
+def test_blend_weights_set_the_share_of_samples(corpus, tmp_path):
+    """data.blend=[3, A, 1, B]: three of every four training samples come from A."""
+    paths = [write_fasta(tmp_path / f"b{i}.fa", genome(10 + i, {"chr1": 900, "chr20": 400}))
+             for i in range(2)]
+    assert run_cli("run", *paths, "--out", tmp_path / "other", "--holdout-contigs",
+                   "valid=chr20") == 0
+    cfg = load_config(None, ["data.source=zarr", f"data.blend=[3, '{corpus}', 1, '{tmp_path / 'other'}']",
+                             "data.seq_length=64", "schedule.train_iters=25",
+                             "schedule.eval_interval=0"])
+    from megatron_geno.config import ParallelConfig
+    from tests.unit.single_process import single_process_groups
+
+    with single_process_groups(ParallelConfig()):  # megatron-core's blend asks for a rank
+        train, _, _ = build_datasets(cfg, GenoTokenizer(), tmp_path / "run")
+    counts = np.bincount(np.asarray(train.dataset_index), minlength=2)
+    assert counts.sum() == 25 * cfg.data.global_batch_size
+    assert abs(counts[0] / counts.sum() - 0.75) <= 1 / counts.sum() + 1e-9, counts

@@ -46,3 +46,18 @@ def test_megatron_interface():
 def test_bad_policy():
     with pytest.raises(ValueError, match="soft_mask"):
         encoding_table("lower")
+
+
+def test_training_tokenizer_from_an_hf_directory_equals_the_builtin(tmp_path):
+    """data.tokenizer=<HF dir>: the adapter geno-train builds gives the built-in ids, EOD and
+    vocabulary size, so an imported model continues on the same token stream."""
+    from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
+    from megatron_geno.tokenizer import GenoTokenizer, build_tokenizer
+
+    write_hf_tokenizer(tmp_path, "keep")
+    adapter, builtin = build_tokenizer(str(tmp_path)), build_tokenizer("geno:keep")
+    text = "ACGTNacgtnRY"
+    assert adapter.tokenize(text).tolist() == builtin.tokenize(text).tolist()
+    assert adapter.eod == builtin.eod and adapter.vocab_size == builtin.vocab_size == 128
+    assert adapter.detokenize(builtin.tokenize("ACGTacgt")) == "ACGTacgt"
+    assert isinstance(build_tokenizer("geno"), GenoTokenizer)
