@@ -31,6 +31,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "test": ["pytest"],
+        "track": ["wandb"],  # logging.wandb (optional; offline mode needs no network)
         "bench": ["biopython"],  # the baseline of benchmarks/preprocess_throughput.py
         "finetune": ["deepspeed"],
     },

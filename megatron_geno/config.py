@@ -152,6 +152,10 @@ class LoggingConfig:
     log_interval: int = 1
     tensorboard: bool = True
     quiet: bool = False
+    # Weights & Biases (the wandb package, optional): off / offline (files under RUN_DIR/wandb,
+    # `wandb sync` later; no network) / online
+    wandb: str = "off"
+    wandb_project: str = "megatron-geno"
 
 
 @dataclass
@@ -210,9 +214,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
         if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return type(default)(value)
-    if isinstance(default, str) and isinstance(value, bool) and {"on", "off"} <= set(
-            CHOICES.get(name, ())):
-        return "on" if value else "off"  # YAML 1.1 reads on/off as booleans
+    if isinstance(default, str) and isinstance(value, bool) and name in CHOICES:
+        word = "on" if value else "off"  # YAML 1.1 reads on/off/yes/no as booleans
+        if word in CHOICES[name]:
+            return word
+        raise ConfigError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
     if isinstance(default, str) and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     if isinstance(default, list) and not isinstance(value, list):
@@ -322,6 +328,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.attention_backend": ("auto", "sdpa", "te"),
     "model.recompute": ("none", "selective", "full"),
     "schedule.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
+    "logging.wandb": ("off", "offline", "online"),
 }
 
 

@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from megatron_geno.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per GPU, for MFU.
@@ -56,11 +58,21 @@ class ExpertLoad:
 class MetricsWriter:
     """Writes one JSON object per logged step to metrics.jsonl, and scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool, wandb_mode: str = "off",
+                 wandb_project: str = "megatron-geno", config: Optional[dict] = None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a")
         self._tb = None
+        self._wandb = None
+        if wandb_mode != "off":
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError(f"logging.wandb={wandb_mode} needs the wandb package "
+                                  f"(pip install wandb)") from None
+            self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), mode=wandb_mode,
+                                     config=config, name=run_dir.name)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -72,6 +84,13 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items()
+                       if isinstance(v, (int, float)) and k != "step"}
+            for layer, fractions in record.get("expert_load", {}).items():
+                scalars.update({f"expert_load/layer{layer}/expert{e}": f
+                                for e, f in enumerate(fractions)})
+            self._wandb.log(scalars, step=record["step"], commit=True)
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
@@ -83,6 +102,8 @@ class MetricsWriter:
 
     def close(self) -> None:
         self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
 

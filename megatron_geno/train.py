@@ -169,7 +169,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     flops_token = flops_per_token(cfg.model, cfg.model.padded_vocab_size, d.seq_length)
     peak = peak_flops()
     expert_load = ExpertLoad(model)
-    writer = MetricsWriter(run_dir, cfg.logging.tensorboard) if rank0 else None
+    writer = (MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                            cfg.logging.wandb_project, cfg.to_dict()) if rank0 else None)
     stop = StopSignal(cfg.checkpoint.save_on_signal)
     records: list[dict] = []
     world = torch.distributed.get_world_size()
@@ -270,7 +271,9 @@ def run_summary(cfg: TrainConfig, records: list[dict], steps: int, wall: float,
     if val is not None:
         lines[-1] += f", validation loss {val:.4f}"
     lines.append(f"#   metrics {run_dir / 'metrics.jsonl'}"
-                 + (f", TensorBoard {run_dir / 'tensorboard'}" if cfg.logging.tensorboard else ""))
+                 + (f", TensorBoard {run_dir / 'tensorboard'}" if cfg.logging.tensorboard else "")
+                 + (f", W&B ({cfg.logging.wandb}) {run_dir / 'wandb'}"
+                    if cfg.logging.wandb != "off" else ""))
     lines.append(f"#   checkpoint {checkpoint}" if checkpoint else
                  "#   no checkpoint (set checkpoint.save=DIR to keep one)")
     return "\n".join(lines)
