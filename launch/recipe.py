@@ -67,7 +67,9 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> tuple[TrainConfig, L
                                                         cfg.data.seq_length))
         given = {o.split("=", 1)[0] for o in overrides}
         derived = [] if "schedule.train_iters" in given else [f"schedule.train_iters={iters}"]
+        steps = cfg.schedule.train_iters if "schedule.train_iters" in given else iters
         if launch.warmup_fraction is not None and "schedule.warmup_iters" not in given:
-            derived.append(f"schedule.warmup_iters={max(1, round(launch.warmup_fraction * iters))}")
+            # of the steps that will run: the budget's, or a schedule.train_iters override
+            derived.append(f"schedule.warmup_iters={max(1, round(launch.warmup_fraction * steps))}")
         cfg = load_config(path, derived + list(overrides))
     return cfg, launch, path

@@ -152,3 +152,11 @@ def test_dry_run_writes_the_config_and_prints_the_real_command(capsys, tmp_path)
     assert load_config(config).data.seq_length == 8192
     assert main(["--recipe", "genos-1.2b-8k", "--nodes", "2", "--torchrun", "--dry-run"]) == 2
     assert "drop --torchrun" in capsys.readouterr().err
+
+
+def test_recipe_warmup_follows_an_overridden_schedule():
+    """A recipe's warmup fraction applies to the steps that will run, budget or override."""
+    cfg, _, _ = load_recipe("genos-1.2b-8k", ["schedule.train_iters=10"])
+    assert cfg.schedule.train_iters == 10 and cfg.schedule.warmup_iters == 1
+    cfg, launch, _ = load_recipe("genos-1.2b-8k", [])
+    assert cfg.schedule.warmup_iters == round(launch.warmup_fraction * cfg.schedule.train_iters)
