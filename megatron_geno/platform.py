@@ -92,8 +92,9 @@ def _recompute_on_cpu_too() -> None:
 PATCHED_TARGETS = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
-    ("megatron.core.tensor_parallel.random", "CheckpointFunction"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer"),
+    ("megatron.core.tensor_parallel.random", "CheckpointFunction.backward"),
+    ("megatron.core.optimizer.distrib_optimizer",
+     "DistributedOptimizer._set_main_param_and_optimizer_states"),
     ("megatron.core.transformer.moe.moe_utils", "topk_routing_with_score_function"),
     ("torch.cpu", "Stream"),
     ("torch.cpu", "Event"),
@@ -105,20 +106,14 @@ def check_patched_targets() -> None:
     """Raises RuntimeError naming the first patched target the installed versions lack."""
     import importlib
 
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.tensor_parallel.random import CheckpointFunction
-
     for module, name in PATCHED_TARGETS:
-        if not hasattr(importlib.import_module(module), name):
+        owner = importlib.import_module(module)
+        for part in name.split("."):
+            owner = getattr(owner, part, None)
+        if owner is None:
             raise RuntimeError(f"megatron_geno.platform: {module}.{name} is missing from the "
                                f"installed packages (megatron-core 0.16.1 expected); the CPU "
                                f"layer cannot mend it")
-    for owner, name in ((DistributedOptimizer, "_set_main_param_and_optimizer_states"),
-                        (CheckpointFunction, "backward")):
-        if not hasattr(owner, name):
-            raise RuntimeError(f"megatron_geno.platform: {owner.__module__}."
-                               f"{owner.__name__}.{name} is missing (megatron-core 0.16.1 "
-                               f"expected); the CPU layer cannot mend it")
 
 
 def default_token_dispatcher() -> str:

@@ -76,3 +76,10 @@ def test_cpu_layer_checks_every_patched_target(monkeypatch):
     monkeypatch.delattr(mcore_random, "_get_cuda_rng_state")
     with pytest.raises(RuntimeError, match="random._get_cuda_rng_state is missing"):
         platform.check_patched_targets()
+    monkeypatch.undo()
+    from megatron.core.optimizer import distrib_optimizer
+
+    monkeypatch.delattr(distrib_optimizer, "DistributedOptimizer")  # a class that moved
+    with pytest.raises(RuntimeError, match="DistributedOptimizer._set_main_param_and_optimizer_"
+                                           "states is missing"):
+        platform.check_patched_targets()
