@@ -233,11 +233,11 @@ def _stats(s: ContigStats) -> dict:
 
 
 def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], force: bool,
-                only_listed: bool = False) -> list[Assembly]:
+                only_listed: bool = False) -> None:
     """Creates OUT and its run.json; refuses a corpus written with another config (unless force).
 
     Assemblies of earlier runs that this run does not name stay in the corpus (and its manifest)
-    unless only_listed. Returns every assembly the corpus now lists.
+    unless only_listed.
     """
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out} is a file; name a corpus directory")
@@ -265,11 +265,9 @@ def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], f
             log.info("%s keeps %d assemblies of earlier runs that this run does not name (%s%s); "
                      "--only-listed leaves them out of the manifest", out, len(kept),
                      ", ".join(a.assembly for a in kept[:3]), ", ..." if len(kept) > 3 else "")
-    listed = kept + list(assemblies)
     _write_json(run_file, {"format_version": FORMAT_VERSION, "config": config.to_dict(),
                            "config_hash": config.hash(),
-                           "assemblies": [a.to_dict() for a in listed]})
-    return listed
+                           "assemblies": [a.to_dict() for a in kept + list(assemblies)]})
 
 
 def finalize(out: Path) -> dict:

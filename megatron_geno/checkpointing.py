@@ -169,10 +169,10 @@ def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) ->
 def open_for_loading(ckpt: Path, verify_checksums: bool = True) -> dict:
     """Passes CKPT through the trust boundary and returns its common state (common.pt).
 
-    .metadata is read with the restricted unpickler, then (unless skipped) every stored byte is
-    checked against checksums.json, before anything of the checkpoint is used.
+    CKPT comes from resolve_checkpoint_dir, whose structural check has already read .metadata
+    with the restricted unpickler; here (unless skipped) every stored byte is checked against
+    checksums.json, before anything of the checkpoint is used.
     """
-    trust.read_dcp_metadata(ckpt)
     if verify_checksums:
         trust.check_content(ckpt)
     return read_common(ckpt)
