@@ -118,19 +118,23 @@ def test_virtual_stages_pass_and_hold_more_activations_in_flight():
     assert b["parameters (bf16)"] == a["parameters (bf16)"]
 
 
-def test_cli_dry_run_prints_the_plan_and_bad_layouts_exit_2(capsys):
+def test_cli_dry_run_prints_the_plan_and_bad_layouts_exit_2(capsys, tmp_path):
+    run_dir = f"logging.run_dir={tmp_path / 'run'}"
     assert main(["--recipe", "genos-10b-8k", "--nodes", "4", "--gpus-per-node", "8",
-                 "--dry-run", "--container", "nvcr.io/lab/geno:1"]) == 0
+                 "--dry-run", "--container", "nvcr.io/lab/geno:1", run_dir]) == 0
     out = capsys.readouterr().out
     assert "DP 4 = 32 GPUs" in out and "tokens/step" in out and "GiB per GPU" in out
     assert "sbatch --nodes=4 --gpus-per-node=8" in out  # several nodes: a SLURM job
     assert "--export=ALL,PYTHON=python3,GENO_CONTAINER=nvcr.io/lab/geno:1" in out
+    written = sorted(p.name for p in (tmp_path / "run" / "launch").iterdir())
     # CP = 2 without the image: Transformer Engine is checked where the job runs (here: absent)
+    other = f"logging.run_dir={tmp_path / 'refused'}"
     assert main(["--recipe", "genos-10b-8k", "--nodes", "4", "--gpus-per-node", "8",
-                 "--dry-run"]) == 2
+                 "--dry-run", other]) == 2
     assert "--container IMAGE" in capsys.readouterr().err
     assert main(["--recipe", "genos-10b-8k", "--nodes", "1", "--gpus-per-node", "4",
-                 "--dry-run", "--slurm", "--container", "x"]) == 2
+                 "--dry-run", "--slurm", "--container", "x", other]) == 2
+    assert written == ["genos-10b-8k.yaml"] and not (tmp_path / "refused").exists()
     assert "world size 4 is not divisible by TP x PP x CP = 2 x 2 x 2 = 8" in capsys.readouterr().err
     assert main(["--recipe", "nope", "--dry-run"]) == 2
     assert "genos-1.2b-8k" in capsys.readouterr().err
@@ -150,8 +154,13 @@ def test_dry_run_writes_the_config_and_prints_the_real_command(capsys, tmp_path)
     assert command[0] == "sbatch" and command[-1] == str(config) and config.exists()
     assert f"--export=ALL,PYTHON={sys.executable}" in command
     assert load_config(config).data.seq_length == 8192
-    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "2", "--torchrun", "--dry-run"]) == 2
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "2", "--torchrun", "--dry-run",
+                 f"logging.run_dir={tmp_path / 'refused'}"]) == 2
     assert "drop --torchrun" in capsys.readouterr().err
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "1", "--container", "img", "--dry-run",
+                 f"logging.run_dir={tmp_path / 'refused'}"]) == 2
+    assert "--container is for SLURM jobs" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()  # a refused launch writes nothing
 
 
 def test_recipe_warmup_follows_an_overridden_schedule():
