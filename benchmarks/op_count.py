@@ -13,8 +13,14 @@ product attention) counts once, and what CPU runs inside it (CPU's `_grouped_mm`
 with `item`, `slice` and `mm`) is not counted. GEMMs: `mm`, `addmm`, `bmm`, `baddbmm`,
 `_grouped_mm`. The model alone: the optimizer step, DDP and the training loop are not included.
 
-Rows: the baseline (`model.moe_grouped_gemm=off`: megatron-core's SequentialMLP) and the path a
-GPU runs by default (`auto`: GroupedExperts), measured in the same run. Both use the allgather
+Columns, measured in the same run: the baseline (`model.moe_grouped_gemm=off`, `model.fusions=off`:
+megatron-core's SequentialMLP, eager elementwise work), grouped experts alone, and the path a GPU
+runs by default (GroupedExperts and `model.fusions=on`). A compiled region's kernels are counted as
+launches (`cpp_fused_*` on CPU, one Triton kernel each on a GPU) together with the aten calls it
+still makes (GEMMs it leaves to aten, buffer allocations); the ops it replaces (RMSNorm, RoPE,
+SwiGLU) no longer appear as aten calls. The fused cross-entropy runs only in bf16 (its gradient
+is bf16), so these fp32 counts keep the unfused one; it is outside the per-layer count anyway.
+All use the allgather
 token dispatcher: megatron-core's alltoall dispatcher (the GPU default) waits on a CUDA event for
 its split sizes, which CPU cannot run at EP=1; on a GPU it adds that one host synchronisation per
 layer and micro-batch.
@@ -33,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 GEMMS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm"}
 SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
 OPAQUE = ("aten::_grouped_mm", "scaled_dot_product")  # count these, not what runs inside
+FUSED_KERNELS = "fused kernels (compiled)"
 
 
 def _inside_opaque(event) -> bool:
@@ -44,10 +51,14 @@ def _inside_opaque(event) -> bool:
     return False
 
 
-def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int) -> collections.Counter:
+def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int,
+              fusions: str = "off") -> collections.Counter:
     """aten op counts of one forward + backward of one micro-batch (the second of two)."""
     import torch
+    import torch._inductor.config as inductor_config
     from torch.profiler import ProfilerActivity, profile
+
+    inductor_config.cpp.enable_kernel_profile = True  # each compiled C++ kernel is an event
 
     from megatron_geno import distributed
     from megatron_geno.config import load_config
@@ -57,6 +68,7 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int)
     cfg = load_config(None, [f"model.preset={preset}", f"model.num_layers={layers}",
                              f"model.moe_grouped_gemm={grouped}",
                              f"model.moe_token_dispatcher={dispatcher}",
+                             f"model.fusions={fusions}",
                              f"data.seq_length={seq}", "data.micro_batch_size=1",
                              "data.global_batch_size=1"])
     from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
@@ -80,6 +92,10 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int)
             step()
         counts = collections.Counter()
         for event in prof.events():
+            if "cpp_fused" in event.name:  # one kernel of a compiled region
+                counts[FUSED_KERNELS] += 1
+                counts["aten calls"] += 1
+                continue
             # a GPU runs an opaque op as one kernel: what CPU runs inside it is not counted
             if not event.name.startswith("aten::") or _inside_opaque(event):
                 continue
@@ -95,9 +111,10 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int)
         distributed.destroy()
 
 
-def per_layer(preset: str, grouped: str, dispatcher: str, seq: int) -> tuple[dict, str]:
-    one = count_ops(preset, 1, grouped, dispatcher, seq)
-    two = count_ops(preset, 2, grouped, dispatcher, seq)
+def per_layer(preset: str, grouped: str, dispatcher: str, seq: int,
+              fusions: str = "off") -> tuple[dict, str]:
+    one = count_ops(preset, 1, grouped, dispatcher, seq, fusions)
+    two = count_ops(preset, 2, grouped, dispatcher, seq, fusions)
     line = two.pop("_line")
     one.pop("_line")
     return {key: two[key] - one.get(key, 0) for key in two}, line
@@ -114,25 +131,30 @@ def main() -> None:
     import logging
 
     logging.disable(logging.WARNING)
-    base, base_line = per_layer(args.preset, "off", "allgather", args.seq)
-    new, new_line = per_layer(args.preset, "auto", "allgather", args.seq)
+    columns = {"baseline": per_layer(args.preset, "off", "allgather", args.seq, "off"),
+               "grouped": per_layer(args.preset, "auto", "allgather", args.seq, "off"),
+               "fast": per_layer(args.preset, "auto", "allgather", args.seq, "on")}
     print(f"\n{args.preset}, seq {args.seq}, 1 micro-batch, forward + backward, per layer "
           f"(2-layer minus 1-layer), CPU, allgather dispatcher")
-    print(f"baseline: {base_line}\nnew:      {new_line}\n")
+    for name, (_, line) in columns.items():
+        print(f"{name + ':':10s}{line}")
+    base, grouped, fast = (counts for counts, _ in columns.values())
     headline = ["GEMM calls", "host syncs (item, _local_scalar_dense, nonzero)", "aten::item",
-                "aten calls"]
-    print("| per layer per micro-batch | baseline (moe_grouped_gemm=off) | new (auto) | new / baseline |")
-    print("|---|---:|---:|---:|")
+                FUSED_KERNELS, "aten calls"]
+    print("\n| per layer per micro-batch | baseline (grouped off, fusions off) | grouped experts "
+          "| fast path (grouped, fusions on) | fast / baseline |")
+    print("|---|---:|---:|---:|---:|")
     for key in headline:
-        b, n = base.get(key, 0), new.get(key, 0)
-        print(f"| {key} | {b:,d} | {n:,d} | {n / b:.2f} |" if b else f"| {key} | {b} | {n} | |")
-    ops = [k for k in set(base) | set(new) if k.startswith("aten::")]
-    ops.sort(key=lambda k: -max(base.get(k, 0), new.get(k, 0)))
-    print(f"\n| op (top {args.top} by count) | baseline | new |")
-    print("|---|---:|---:|")
+        b, g, f = base.get(key, 0), grouped.get(key, 0), fast.get(key, 0)
+        ratio = f"{f / b:.2f}" if b else ""
+        print(f"| {key} | {b:,d} | {g:,d} | {f:,d} | {ratio} |")
+    ops = [k for k in set(base) | set(grouped) | set(fast) if k.startswith("aten::")]
+    ops.sort(key=lambda k: -max(base.get(k, 0), grouped.get(k, 0), fast.get(k, 0)))
+    print(f"\n| op (top {args.top} by count) | baseline | grouped | fast |")
+    print("|---|---:|---:|---:|")
     for key in ops[:args.top]:
-        print(f"| `{key}` | {base.get(key, 0):,d} | {new.get(key, 0):,d} |")
-
+        print(f"| `{key}` | {base.get(key, 0):,d} | {grouped.get(key, 0):,d} | "
+              f"{fast.get(key, 0):,d} |")
 
 if __name__ == "__main__":
     main()

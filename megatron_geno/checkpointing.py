@@ -398,6 +398,7 @@ def load_checkpoint(
     if not fresh_moments:
         optimizer.load_state_dict(loaded["optimizer"])
         compat.unshare_adam_steps(optimizer)
+        compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(cfg.optimizer.fused))
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])

@@ -46,6 +46,50 @@ def patch_missing_transformer_engine() -> None:
     cls._set_main_param_and_optimizer_states = set_states_keeping_step
 
 
+def _torch_adams(optimizer):
+    """The torch Adam / AdamW instances inside a megatron-core (chained) optimizer."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam):  # AdamW is a subclass
+            yield inner
+
+
+def fused_adam_wanted(setting: str) -> bool:
+    """optimizer.fused: auto = torch's fused AdamW where the parameters are on CUDA."""
+    return setting == "on" or (setting == "auto" and torch.cuda.is_available())
+
+
+def _place_steps(adam: torch.optim.Adam) -> None:
+    """Keeps each parameter's ``step`` where its kernel reads it: on the parameter's device for the
+    fused kernel (a CPU step there is an error), on the CPU otherwise (where reading it for the bias
+    correction costs no device synchronisation)."""
+    for group in adam.param_groups:
+        for param in group["params"]:
+            state = adam.state.get(param)
+            if state and isinstance(state.get("step"), torch.Tensor):
+                device = param.device if group.get("fused") else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
+def set_adam_kernel(optimizer, fused: bool) -> int:
+    """Runs torch's AdamW inside megatron-core's optimizer as the fused kernel (one launch per
+    device and dtype for the whole update) or as torch's default (foreach on CUDA). Without TE /
+    apex megatron-core builds a plain ``torch.optim.AdamW``; with them it runs their FusedAdam and
+    this changes nothing. Call it after building the optimizer and after loading its state (a
+    checkpoint carries the kernel choice of the run that saved it). Returns the number of torch
+    Adam optimizers switched."""
+    count = 0
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            group["fused"] = True if fused else None
+            group["foreach"] = False if fused else None
+        if fused:
+            adam._step_supports_amp_scaling = True
+        _place_steps(adam)
+        count += 1
+    return count
+
+
 def allocate_optimizer_state(optimizer) -> None:
     """Gives every parameter an (empty) Adam state before a load, or a save before any step.
 
@@ -62,6 +106,8 @@ def allocate_optimizer_state(optimizer) -> None:
         for group in inner.param_groups:
             for param in group["params"]:
                 inner.state[param].setdefault("step", torch.tensor(0.0))
+        if isinstance(inner, torch.optim.Adam):
+            _place_steps(inner)
 
 
 def unshare_adam_steps(optimizer) -> None:

@@ -39,7 +39,10 @@ class ModelConfig:
     moe_z_loss_coeff: float = 1e-3
     moe_router_pre_softmax: bool = False  # Genos: softmax over all experts, then top-k
     moe_token_dispatcher: str = "auto"  # auto: alltoall with CUDA, allgather on CPU
-    moe_grouped_gemm: str = "auto"  # auto: on with Transformer Engine; or on / off
+    moe_grouped_gemm: str = "auto"  # auto: grouped wherever torch._grouped_mm runs; or on / off
+    # compiled RMSNorm, RoPE, SwiGLU and cross-entropy (megatron_geno.fusions): auto = on with
+    # CUDA, off on CPU; on (on CPU: needs a C++ compiler); off
+    fusions: str = "auto"
     init_method_std: float = 0.02
     attention_backend: str = "auto"  # auto: Transformer Engine if importable, else sdpa
     # activation recomputation (megatron-core's): none; selective = recompute_modules of every
@@ -110,6 +113,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # torch's fused AdamW kernel when TE / apex are absent: auto = where the parameters are on
+    # CUDA (elsewhere torch's default foreach / for-loop AdamW); on; off
+    fused: str = "auto"
 
 
 @dataclass
@@ -325,7 +331,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "zarr", "megatron"),
     "model.moe_token_dispatcher": ("auto", "alltoall", "allgather"),
     "model.moe_grouped_gemm": ("auto", "on", "off"),
+    "model.fusions": ("auto", "on", "off"),
     "model.attention_backend": ("auto", "sdpa", "te"),
+    "optimizer.fused": ("auto", "on", "off"),
     "model.recompute": ("none", "selective", "full"),
     "schedule.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
     "logging.wandb": ("off", "offline", "online"),

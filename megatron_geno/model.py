@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_geno import compat, platform
+from megatron_geno import compat, fusions, platform
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_geno.experts import GroupedExperts, grouped_mm_available
@@ -155,9 +155,7 @@ def transformer_config(
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        bias_dropout_fusion=te,
-        masked_softmax_fusion=te,
-        apply_rope_fusion=te,
+        **fusions.transformer_fields(model, te, dtype),
         gradient_accumulation_fusion=False,
         **recompute_settings(model, parallel),
         persist_layer_norm=False,
@@ -166,9 +164,11 @@ def transformer_config(
 
 
 def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = None,
-               vp_stage: Optional[int] = None, grouped_experts: bool = False):
+               vp_stage: Optional[int] = None, grouped_experts: bool = False,
+               fused_norm: bool = False):
     """Returns the block spec for this pipeline stage (and virtual stage): TE's fused spec, or
-    local + SDPA + RMSNorm (+ GroupedExperts in place of SequentialMLP)."""
+    local + SDPA + RMSNorm (compiled with fused_norm; + GroupedExperts in place of
+    SequentialMLP)."""
     if te:
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
@@ -181,6 +181,7 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
         attention,
         submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention),
     )
+    norm = ModuleSpec(module=RMSNorm, params={"fused": fused_norm})
     mlp = sub.mlp
     if grouped_experts:
         moe = mlp.submodules
@@ -189,12 +190,12 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
     layer = dataclasses.replace(
         layer,
         submodules=dataclasses.replace(
-            sub, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention,
+            sub, input_layernorm=norm, pre_mlp_layernorm=norm, self_attention=attention,
             mlp=mlp,
         ),
     )
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
 
 
 def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
@@ -213,7 +214,8 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
             config=config,
             transformer_layer_spec=layer_spec(
                 config, te, vp_stage=vp_stage,
-                grouped_experts=experts_module(cfg.model, cfg.parallel, dtype) == "grouped"),
+                grouped_experts=experts_module(cfg.model, cfg.parallel, dtype) == "grouped",
+                fused_norm=fusions.fusions_enabled(cfg.model)),
             vocab_size=padded,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -253,6 +255,14 @@ def wrap_ddp(model: GPTModel, cfg: TrainConfig) -> DistributedDataParallel:
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
 
+def _adam_kernel(cfg: TrainConfig) -> str:
+    from megatron.core import optimizer as mcore_optimizer
+
+    if not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        return "fused(te/apex)"
+    return "fused" if compat.fused_adam_wanted(cfg.optimizer.fused) else "torch-default"
+
+
 def describe(cfg: TrainConfig) -> str:
     """One line saying which spec, which parallel sizes and which precision are in use."""
     te = use_transformer_engine(cfg.model)
@@ -264,6 +274,8 @@ def describe(cfg: TrainConfig) -> str:
         f"EP={p.expert_parallel} DP={parallel_state.get_data_parallel_world_size()} "
         f"SP={p.tensor_parallel > 1 and p.sequence_parallel} "
         f"experts={experts_module(cfg.model, p, resolve_precision(cfg.precision))} "
+        f"fusions={'on' if fusions.fusions_enabled(cfg.model) else 'off'} "
+        f"adam={_adam_kernel(cfg)} "
         f"recompute={cfg.model.recompute}"
         f"{'(' + ','.join(cfg.model.recompute_modules) + ')' if cfg.model.recompute == 'selective' else ''} "
         f"dtype={resolve_precision(cfg.precision)}"

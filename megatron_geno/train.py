@@ -18,7 +18,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_geno import distributed
+from megatron_geno import compat, distributed
 from megatron_geno.checkpointing import (
     TrainState,
     checkpoint_vocab,
@@ -50,6 +50,7 @@ def build_optimizer(cfg: TrainConfig, model):
         ),
         model,
     )
+    compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(o.fused))
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=warmup_steps(s) * d.global_batch_size,
@@ -212,11 +213,11 @@ def train(cfg: TrainConfig) -> list[dict]:
         scheduler.step(increment=d.global_batch_size)
         state.iteration += 1
         state.consumed_samples += d.global_batch_size
-        loss = reduce_loss(outputs)
         elapsed = time.perf_counter() - start
         log_due = state.iteration % cfg.logging.log_interval == 0 or state.iteration == s.train_iters
         eval_due = bool(s.eval_interval) and state.iteration % s.eval_interval == 0
-        if log_due or eval_due:
+        if log_due or eval_due:  # the loss leaves the device only here (two all-reduces, a sync)
+            loss = reduce_loss(outputs)
             tokens_per_s = d.global_batch_size * d.seq_length / elapsed
             record = {
                 "step": state.iteration, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),

@@ -27,12 +27,14 @@ def test_single_gpu_bf16_loss_falls(tmp_path, name, overrides):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
                     reason="torch._grouped_mm in bf16 needs sm90 (H100/H200) or newer")
 def test_grouped_experts_run_on_the_gpu_and_loss_falls(tmp_path):
-    """The fast experts path actually runs (not a silent fallback to SequentialMLP)."""
+    """The fast path actually runs (not a silent fallback): grouped experts, compiled fusions
+    (model.fusions=auto is on with CUDA) and torch's fused AdamW (optimizer.fused=auto)."""
     records, log = geno_train_logged(tmp_path / "run", "--preset", "genos-1.2b",
                                      "model.num_layers=2", "data.seq_length=1024",
                                      "data.micro_batch_size=1", "schedule.train_iters=30",
                                      "precision=bf16", "model.moe_grouped_gemm=on",
                                      "model.attention_backend=sdpa")
     assert "experts=grouped" in log and "dtype=torch.bfloat16" in log
+    assert "fusions=on" in log and "adam=fused" in log
     values = losses(records)
     assert sum(values[-5:]) / 5 < 0.9 * sum(values[:5]) / 5, values

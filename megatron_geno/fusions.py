@@ -1,0 +1,93 @@
+"""Fused elementwise work without Transformer Engine (model.fusions).
+
+Without TE, a layer's elementwise work runs as dozens of small kernels: RMSNorm in fp32, RoPE's
+cos/sin/rotate/cat, SwiGLU and the cross-entropy over the vocabulary. With fusions on:
+
+- SwiGLU (experts): megatron-core's ``weighted_bias_swiglu_impl`` (``bias_activation_fusion``),
+  compiled by megatron-core's ``jit_fuser`` (``torch.compile``);
+- cross-entropy, in bf16 runs: megatron-core's ``fused_vocab_parallel_cross_entropy``
+  (``cross_entropy_loss_fusion``, native implementation, ``jit_fuser`` too). Its gradient is
+  always bf16 (megatron-core 0.16.1 casts it), so fp32 runs keep the unfused cross-entropy;
+- RMSNorm: ``rms_norm`` below, compiled (``megatron_geno.norm.RMSNorm(fused=True)``);
+- RoPE: ``rope`` below, compiled, installed as megatron-core's ``fused_apply_rotary_pos_emb``
+  (the hook TE fills when present; ``apply_rope_fusion``).
+
+``torch.compile`` generates Triton kernels on a GPU (Triton ships with CUDA torch) and C++ on a
+CPU (it needs a C++ compiler there). The eager functions below are the references the tests
+compare the compiled ones with.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+
+import torch
+
+from megatron_geno.config import ConfigError, ModelConfig
+
+
+def fusions_enabled(model: ModelConfig) -> bool:
+    """model.fusions: auto = on with CUDA (Triton kernels), off on CPU (compiling costs more than
+    it saves at CPU sizes); on = compiled everywhere (on CPU it needs a C++ compiler); off."""
+    if model.fusions == "off":
+        return False
+    if model.fusions == "auto":
+        return torch.cuda.is_available()
+    if not torch.cuda.is_available() and not (shutil.which("c++") or shutil.which("g++")):
+        raise ConfigError("model.fusions=on on CPU needs a C++ compiler (torch.compile's CPU "
+                          "backend); install g++ or use model.fusions=auto")
+    return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, cast back before the weight (as HuggingFace Mixtral computes it)."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding on [seq, batch, heads, dim] (megatron-core's unfused bshd arithmetic:
+    cos and sin of fp32 angles cast to t's dtype, halves rotated)."""
+    if interleaved:
+        raise NotImplementedError("rope: interleaved rotary embedding (Genos uses halves)")
+    rot = freqs.shape[-1]
+    t_rot, t_pass = t[..., :rot], t[..., rot:]
+    cos = torch.cos(freqs).to(t.dtype)
+    sin = torch.sin(freqs).to(t.dtype)
+    x1, x2 = torch.chunk(t_rot, 2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((t_rot * cos + rotated * sin, t_pass), dim=-1)
+
+
+@functools.cache
+def compiled(name: str):
+    """The torch.compile'd form of rms_norm or rope (compiled at first call, once per process)."""
+    return torch.compile({"rms_norm": rms_norm, "rope": rope}[name], dynamic=None)
+
+
+def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """megatron-core's ``fused_apply_rotary_pos_emb`` signature, compiled."""
+    return compiled("rope")(t, freqs, interleaved)
+
+
+def install_rope() -> None:
+    """Fills megatron-core's fused-RoPE hook with ``fused_rope`` where TE has not filled it."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = fused_rope
+
+
+def transformer_fields(model: ModelConfig, te: bool, dtype: torch.dtype) -> dict:
+    """megatron-core's TransformerConfig fusion fields for this run (TE brings its own kernels
+    for RoPE, softmax and bias-dropout; model.fusions adds SwiGLU and, in bf16, cross-entropy)."""
+    fused = fusions_enabled(model)
+    fields = {"bias_dropout_fusion": te, "masked_softmax_fusion": te,
+              "apply_rope_fusion": te or fused, "bias_activation_fusion": fused}
+    if fused:
+        install_rope()
+        if dtype == torch.bfloat16:
+            fields.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
+    return fields
