@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_suite.sh WHEELS [OUT]
 # Installs this project and its dependencies from WHEELS (benchmarks/make_wheelhouse.sh) into
 # OUT/site with --no-index, then runs tests/gpu, the throughput rows of the GPU-throughput goals
-# (and the old experts path beside the new for genos-1.2b at 8K), a profiler top-20 table and peak
+# (and the old path beside the new for genos-1.2b at 8K: SequentialMLP, eager elementwise work,
+# torch's default AdamW), a profiler top-20 table and peak
 # memory beside the memory plan's estimate, and prints one dated markdown block for
 # docs/benchmarks.md (also written to OUT/block.md). With Transformer Engine importable it also
 # runs the TE spec for genos-1.2b at 8K; every row names the spec and experts module it used.
@@ -21,19 +22,31 @@ LOG="$OUT/suite.log"
 step() { echo "gpu_suite: $*" >&2; }
 
 step "installing from $WHEELS"
-"$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "$WHEELS"/*.whl >> "$LOG" 2>&1
+# the wheels for this interpreter (a folder may also hold another Python version's)
+mapfile -t WHLS < <("$PY" - "$WHEELS" <<'PYEOF'
+import pathlib, sys
+from pip._vendor.packaging.tags import sys_tags
+from pip._vendor.packaging.utils import parse_wheel_filename
+supported = set(sys_tags())
+for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
+    if supported & set(parse_wheel_filename(wheel.name)[3]):
+        print(wheel)
+PYEOF
+)
+"$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "${WHLS[@]}" >> "$LOG" 2>&1
 export PYTHONPATH="$PWD:$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS=ignore
 
+OLD=(--set model.moe_grouped_gemm=off --set model.fusions=off --set optimizer.fused=off)
 if [ "${SMOKE:-0}" = 1 ]; then
     SMALL=(--preset tiny --layers 2 --seq 256 --mbs 2 --gbs 8 --steps 4)
-    ROWS=("new|${SMALL[*]}" "old|${SMALL[*]} --set model.moe_grouped_gemm=off")
+    ROWS=("new|${SMALL[*]}" "old|${SMALL[*]} ${OLD[*]}")
     PROFILE=(--preset tiny --layers 2 --seq 256 --steps 2)
 else
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" >> "$LOG" 2>&1
     B12=(--preset genos-1.2b --layers 12 --seq 8192 --mbs 1 --gbs 4 --steps 6)
     ROWS=("genos-1.2b 8K|${B12[*]}"
-          "genos-1.2b 8K, old experts path|${B12[*]} --set model.moe_grouped_gemm=off"
+          "genos-1.2b 8K, old path|${B12[*]} ${OLD[*]}"
           "genos-10b shapes 4 layers 8K|--preset genos-10b --layers 4 --seq 8192 --mbs 1 --gbs 4 --steps 6"
           "genos-1.2b 32K|--preset genos-1.2b --layers 12 --seq 32768 --mbs 1 --gbs 2 --steps 5")
     if "$PY" -c "import transformer_engine" >> "$LOG" 2>&1; then

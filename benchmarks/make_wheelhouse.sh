@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
+if compgen -G "$DIR/*.whl" > /dev/null; then  # two versions of one package cannot install
+    echo "make_wheelhouse.sh: error: $DIR already holds wheels; give an empty or new folder" >&2
+    exit 2
+fi
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform linux_x86_64)
 echo "wheelhouse: building this project's wheel" >&2
