@@ -26,6 +26,7 @@ setup(
         "numcodecs",
         "google-crc32c",  # shard index checksums (zarr uses the same package)
         "isal",  # fast gzip/bgzip decompression in data_pipeline
+        "safetensors>=0.4",  # geno-convert reads and writes HF weights with it
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],

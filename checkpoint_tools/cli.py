@@ -29,7 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     to_hf.add_argument("--out", required=True, help="new output directory (must not exist, or be "
                        "an empty directory); written beside it first, renamed when complete")
     to_hf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    to_hf.add_argument("--shard-size", default="5GB", help="max safetensors file size (5GB)")
+    to_hf.add_argument("--shard-size", default="1GB",
+                       help="max safetensors file size (1GB); conversion holds one file in memory")
     from_hf = sub.add_parser("from-hf", help="HuggingFace Mixtral directory -> torch_dist checkpoint")
     from_hf.add_argument("--hf", required=True, help="directory with config.json and safetensors")
     from_hf.add_argument("--out", required=True, help="new output save dir (must not exist, or be "

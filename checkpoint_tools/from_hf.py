@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError, safe_open
 
 from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, SAFETENSORS_DTYPES,
                                      current_hf_shapes, hf_names, hf_shapes, merge_qkv)
@@ -105,11 +106,12 @@ _PLAIN_FILE = re.compile(r"^[A-Za-z0-9_.\-]+\.safetensors$")
 
 
 class SafetensorsDir:
-    """The tensors of a (sharded) safetensors directory, read one at a time with plain reads.
+    """The tensors of a (sharded) safetensors directory, read with the safetensors library.
 
-    No mmap: mapped pages a conversion has touched would stay in its resident memory. Every
-    header is checked on opening (dtypes, shapes, byte ranges inside the file), and the index
-    may name only files inside the directory.
+    Each file's header is read (and checked by the library: offsets, dtypes, shapes, a
+    truncated file) when the directory is opened, and the index may name only files inside the
+    directory. Each tensor is read by opening its file for that read alone: safetensors maps the
+    file, and pages kept mapped would stay in the conversion's resident memory.
     """
 
     def __init__(self, hf_dir: Path) -> None:
@@ -144,47 +146,19 @@ class SafetensorsDir:
 
     @staticmethod
     def _read_header(path: Path) -> dict[str, tuple]:
-        size = path.stat().st_size
-        try:
-            with path.open("rb") as f:
-                length = int.from_bytes(f.read(8), "little")
-                if not 0 < length <= size - 8:
-                    raise ValueError("bad header length")
-                header = json.loads(f.read(length))
-            if not isinstance(header, dict):
-                raise ValueError("the header is not a JSON object")
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ConversionError(f"{path} is not a readable safetensors file ({err})") from err
+        """name -> (file, dtype, shape) for every tensor of one file."""
         entries = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape = info["dtype"], info["shape"]
-                begin, end = info["data_offsets"]
-                if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0
-                                                        for d in shape)):
-                    raise ValueError(f"shape {shape!r}")
-                if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-                    raise ValueError(f"data_offsets {info['data_offsets']!r}")
-            except (KeyError, TypeError, ValueError) as err:
-                raise ConversionError(f"{path}: tensor {name} has a malformed header entry "
-                                      f"({err})") from None
-            if dtype not in SAFETENSORS_DTYPES:
-                raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
-            torch_dtype = SAFETENSORS_DTYPES[dtype]
-            numel = 1
-            for dim in shape:
-                numel *= dim
-            if end - begin != numel * torch.tensor([], dtype=torch_dtype).element_size():
-                raise ConversionError(f"{path}: tensor {name} holds {end - begin} bytes, its shape "
-                                      f"{shape} and dtype {dtype} need {numel} elements")
-            if 8 + length + end > size:
-                raise ConversionError(
-                    f"{path} is not a readable safetensors file (tensor {name} extends past the "
-                    f"end of the file: truncated?)"
-                )
-            entries[name] = (path, 8 + length + begin, end - begin, torch_dtype, shape)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    dtype, shape = piece.get_dtype(), tuple(piece.get_shape())
+                    if dtype not in SAFETENSORS_DTYPES:
+                        raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+                    entries[name] = (path, SAFETENSORS_DTYPES[dtype], shape)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise ConversionError(f"{path} is not a readable safetensors file "
+                                  f"({str(err).strip()[:200]})") from None
         return entries
 
     def __contains__(self, name: str) -> bool:
@@ -194,21 +168,21 @@ class SafetensorsDir:
         return list(self.where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.where[name][4])
+        return self.where[name][2]
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.where[name][3]
+        return self.where[name][1]
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConversionError(f"tensor {name} is missing from the safetensors files")
-        path, offset, length, dtype, shape = self.where[name]
-        with path.open("rb") as f:
-            f.seek(offset)
-            data = bytearray(f.read(length))
-        if len(data) != length:
-            raise ConversionError(f"{path}: tensor {name} is truncated")
-        return torch.frombuffer(data, dtype=dtype).reshape(shape) if length else torch.empty(shape, dtype=dtype)
+        path = self.where[name][0]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise ConversionError(f"{path}: tensor {name} cannot be read "
+                                  f"({str(err).strip()[:200]})") from None
 
 
 def _inputs_of(rule, st: SafetensorsDir, model: ModelConfig, layer) -> dict[str, tuple]:

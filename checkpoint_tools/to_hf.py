@@ -8,9 +8,10 @@ from typing import Optional
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
-from checkpoint_tools.mapping import RULES, SAFETENSORS_DTYPES, hf_names, to_hf_tensors
+from checkpoint_tools.mapping import RULES, hf_names, to_hf_tensors
 from checkpoint_tools.mcore_checkpoint import ConversionError, McoreCheckpoint, open_checkpoint
 from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from megatron_geno.config import ModelConfig
@@ -81,15 +82,13 @@ def hf_config(model: ModelConfig, dtype: str) -> dict:
     }
 
 
-SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
 class ShardWriter:
-    """Streams tensors, in a known order, into size-bounded safetensors files plus the index.
+    """Writes tensors, in a planned order, into size-bounded safetensors files plus the index,
+    with the safetensors library (``save_file``).
 
-    The plan (names and shapes, in the order they will be added) is known before any data is
-    read, so each file's header is written first and every tensor goes to disk as it arrives:
-    memory does not grow with the shard size.
+    The plan (names and shapes, in the order they will be added) fixes which file each tensor
+    goes to before any data is read. A file's tensors are held until its last one arrives, then
+    written: memory is bounded by --shard-size (1GB by default), not by the model.
     """
 
     def __init__(self, out: Path, plan: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
@@ -106,34 +105,20 @@ class ShardWriter:
         n = file + 1
         self.names = ["model.safetensors"] if n == 1 else [
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.next, self.handle = 0, None
-
-    def _open(self, file: int) -> None:
-        if self.handle:
-            self.handle.close()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for i, (name, shape) in enumerate(self.plan):
-            if self.file_of[i] == file:
-                header[name] = {"dtype": SAFETENSORS_NAMES[self.dtype], "shape": list(shape),
-                                "data_offsets": [offset, offset + self.sizes[i]]}
-                offset += self.sizes[i]
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        self.handle = (self.out / self.names[file]).open("wb")
-        self.handle.write(len(raw).to_bytes(8, "little") + raw)
+        self.next, self.pending = 0, {}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         expected, shape = self.plan[self.next]
         if name != expected or tuple(tensor.shape) != tuple(shape):
             raise ConversionError(f"internal: got {name} {tuple(tensor.shape)}, planned {expected} {shape}")
-        if self.next == 0 or self.file_of[self.next] != self.file_of[self.next - 1]:
-            self._open(self.file_of[self.next])
-        self.handle.write(tensor.to(self.dtype).contiguous().view(torch.uint8).numpy().data)
+        self.pending[name] = tensor.to(self.dtype).contiguous()
+        file = self.file_of[self.next]
         self.next += 1
+        if self.next == len(self.plan) or self.file_of[self.next] != file:
+            save_file(self.pending, str(self.out / self.names[file]), metadata={"format": "pt"})
+            self.pending = {}
 
     def finish(self) -> None:
-        if self.handle:
-            self.handle.close()
         if self.next != len(self.plan):
             raise ConversionError(f"internal: wrote {self.next} of {len(self.plan)} planned tensors")
         weight_map = {name: self.names[self.file_of[i]] for i, (name, _) in enumerate(self.plan)}
@@ -178,13 +163,14 @@ def tokenizer_policy(ckpt: McoreCheckpoint) -> str:
 
 
 def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
-                shard_size: str = "5GB", iteration: Optional[int] = None, progress=None,
+                shard_size: str = "1GB", iteration: Optional[int] = None, progress=None,
                 verify_checksums: bool = True) -> Path:
     """Writes a HuggingFace Mixtral directory from a geno-train checkpoint; returns its path.
 
-    Reads one layer of one stored tensor at a time and streams it to disk (peak memory: one
-    layer's expert fc1, or the embedding, whatever the shard size). Writes into a fresh
-    temporary directory beside OUT and renames it to OUT when complete.
+    Reads one layer of one stored tensor at a time; the writer holds one safetensors file's
+    tensors until the file is complete (peak memory: about shard_size plus one layer of one
+    stored tensor). Writes into a fresh temporary directory beside OUT and renames it to OUT when
+    complete.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be fp32 or bf16, got {dtype!r}")
