@@ -33,6 +33,7 @@ setup(
         "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
         "test": ["pytest"],
         "track": ["wandb"],  # logging.wandb (optional; offline mode needs no network)
+        "eval": ["pysam>=0.22"],  # geno-eval variants / embed read VCF, BCF and FASTA with it
         "bench": ["biopython"],  # the baseline of benchmarks/preprocess_throughput.py
         "finetune": ["deepspeed"],
     },
@@ -42,6 +43,7 @@ setup(
             "geno-convert=checkpoint_tools.cli:main",
             "geno-preprocess=data_pipeline.cli:main",
             "geno-launch=launch.cli:main",
+            "geno-eval=megatron_geno.evaluation.cli:main",
         ],
         # zarr finds the store's token codec wherever this package is installed
         "zarr.codecs": ["megatron_geno.dna2bit=data_pipeline.dna2bit:DNA2BitCodec"],

@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 SYNTHETIC_VERSION = 2
 
 
+def _synthetic_chain(rng: np.random.Generator) -> np.ndarray:
+    return rng.dirichlet(np.full(4, 0.1), size=4**2)
+
+
+def synthetic_transitions(seed: int) -> np.ndarray:
+    """The generating chain of synthetic_genome(..., seed): [16, 4], row 4 x b[-2] + b[-1] (bases
+    0..3 = A C G T) holding P(next base | the previous two)."""
+    return _synthetic_chain(np.random.default_rng(seed))
+
+
 def synthetic_genome(length: int, seed: int, num_contigs: int = 100) -> list[np.ndarray]:
     """Returns deterministic synthetic contigs (token ids 5-8 = A C G T) with learnable structure.
 
@@ -36,7 +46,7 @@ def synthetic_genome(length: int, seed: int, num_contigs: int = 100) -> list[np.
     """
     rng = np.random.default_rng(seed)
     order = 2
-    transitions = rng.dirichlet(np.full(4, 0.1), size=4**order)
+    transitions = _synthetic_chain(rng)
     cumulative = np.cumsum(transitions, axis=1)
     repeats = [rng.integers(0, 4, size=rng.integers(6, 300)) for _ in range(12)]
     contigs = []

@@ -1,0 +1,263 @@
+"""The two forms of one model that geno-eval scores: a geno-train checkpoint (megatron-core, at any
+TP x PP over the processes torchrun starts, whatever layout it was saved at) and a HuggingFace
+Mixtral export (transformers). Both answer the same two questions for a batch of token windows:
+
+- ``logprobs(tokens [b, n]) -> [b, n - 1]``: log p(token t+1 | tokens 0..t), float64, nats;
+- ``hidden(tokens [b, n], layer) -> [b, n, h]``: hidden states after ``layer`` (0: embeddings;
+  1..L-1: after that transformer layer; L: after the last layer and the final RMSNorm, as
+  transformers' ``hidden_states[L]``).
+
+Every rank gets every result. Errors are EvalError naming the file or option at fault.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megatron_geno.vocab import PAD
+
+
+class EvalError(RuntimeError):
+    """Input geno-eval refuses: the message names the file, record or option at fault."""
+
+
+def soft_mask_of_spec(spec: str) -> str:
+    return "keep" if spec == "geno:keep" else "upper"
+
+
+class MegatronModel:
+    """A geno-train checkpoint on megatron-core, at parallel.tensor_parallel x pipeline_parallel
+    (the rest of the world is data parallel: each data-parallel group scores its share)."""
+
+    kind = "megatron"
+
+    def __init__(self, checkpoint: str | Path, iteration: Optional[int] = None,
+                 tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 verify_checksums: bool = True) -> None:
+        import yaml
+        from megatron.core import parallel_state
+
+        from megatron_geno import distributed
+        from megatron_geno.checkpointing import (CheckpointError, load_model_weights,
+                                                 open_for_loading, resolve_checkpoint_dir)
+        from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+        from megatron_geno.model import build_model_chunks
+        from megatron_geno.tokenizer import VOCAB_SIZE
+
+        parallel = ParallelConfig(tensor_parallel=tensor_parallel,
+                                  pipeline_parallel=pipeline_parallel)
+        try:
+            # the process groups first: the checkpoint checks share work across ranks
+            distributed.initialize(TrainConfig(parallel=parallel, precision="fp32"), seed=0)
+            ckpt = resolve_checkpoint_dir(checkpoint, iteration)
+            common = open_for_loading(ckpt, verify_checksums)
+        except (CheckpointError, ConfigError) as err:
+            raise EvalError(str(err)) from None
+        saved = common.get("model_config")
+        if saved is None:
+            raise EvalError(f"{ckpt}: no model_config in common.pt; not a geno-train checkpoint")
+        known = set(ModelConfig.__dataclass_fields__)
+        model_cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        # eval runs in fp32 with the local spec's eager kernels (no compile at start-up)
+        model_cfg.fusions = "off"
+        self.cfg = TrainConfig(model=model_cfg, parallel=parallel, precision="fp32")
+        try:
+            self.chunks = build_model_chunks(self.cfg, VOCAB_SIZE)
+            load_model_weights(self.chunks, ckpt, common)
+        except (CheckpointError, ConfigError) as err:
+            raise EvalError(str(err)) from None
+        for chunk in self.chunks:
+            chunk.eval()
+        self.path = ckpt
+        self.num_layers = model_cfg.num_layers
+        self.hidden_size = model_cfg.hidden_size
+        config_file = ckpt.parent / "config.yaml"
+        spec = "geno"
+        if config_file.exists():
+            spec = ((yaml.safe_load(config_file.read_text()) or {}).get("data") or {}).get(
+                "tokenizer", "geno")
+        self.soft_mask = soft_mask_of_spec(spec)
+        self.tp = tensor_parallel
+        self.ps = parallel_state
+
+    # ---- data parallelism: which batches this rank computes, and everyone gets all --------------
+
+    def shard(self, n: int) -> tuple[int, int]:
+        return self.ps.get_data_parallel_rank(), self.ps.get_data_parallel_world_size()
+
+    def gather(self, mine: dict, all_ranks: bool = False):
+        """Every data-parallel rank's {index: result} merged, on every rank (all_ranks: the list
+        of every rank's object instead)."""
+        group = self.ps.get_data_parallel_group()
+        if torch.distributed.get_world_size(group) == 1:
+            return [mine] if all_ranks else mine
+        parts = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(parts, mine, group=group)
+        return parts if all_ranks else {k: v for part in parts for k, v in part.items()}
+
+    # ---- the forward pass -------------------------------------------------------------------
+
+    def _padded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens padded at the end (causal: earlier positions do not see it) to a multiple of TP
+        (sequence parallelism splits the sequence over TP ranks)."""
+        extra = -tokens.shape[1] % self.tp
+        if not extra:
+            return tokens
+        return torch.cat([tokens, torch.full((tokens.shape[0], extra), PAD, dtype=tokens.dtype)], 1)
+
+    def _run(self, inputs: torch.Tensor, labels: Optional[torch.Tensor], capture=None):
+        """One forward through every pipeline stage; returns the last stage's output (per-token
+        losses with labels) broadcast to the whole pipeline group, or None when capture is set."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_geno.train import _device
+
+        batch = {"tokens": inputs.to(_device()),
+                 "position_ids": torch.arange(inputs.shape[1])[None].expand_as(inputs).to(_device()),
+                 "labels": None if labels is None else labels.to(_device())}
+
+        def forward_step(data_iterator, model):
+            data = next(data_iterator)
+            out = model(data["tokens"], data["position_ids"], None, labels=data["labels"])
+            return out, None  # loss_func None: the schedule keeps the output itself
+
+        iterator = iter([batch]) if len(self.chunks) == 1 else [iter([batch]) for _ in self.chunks]
+        with torch.no_grad():
+            out = get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=iterator,
+                model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+                num_microbatches=1, seq_length=inputs.shape[1], micro_batch_size=inputs.shape[0],
+                forward_only=True)
+        if capture is not None:
+            return None
+        result = torch.empty(inputs.shape, dtype=torch.float32, device=_device())
+        if self.ps.is_pipeline_last_stage():
+            result.copy_(out[0].float())
+        if self.ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.broadcast(result, src=self.ps.get_pipeline_model_parallel_last_rank(),
+                                        group=self.ps.get_pipeline_model_parallel_group())
+        return result.cpu()
+
+    def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        n = tokens.shape[1] - 1
+        inputs, labels = self._padded(tokens[:, :-1]), self._padded(tokens[:, 1:])
+        losses = self._run(inputs, labels)
+        return -losses[:, :n].double()
+
+    def hidden(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        from megatron.core import tensor_parallel
+
+        if self.ps.get_pipeline_model_parallel_world_size() > 1:
+            raise EvalError("hidden states (geno-eval embed) need --pipeline-parallel 1")
+        if not 0 <= layer <= self.num_layers:
+            raise EvalError(f"--layer must be in [0, {self.num_layers}], got {layer}")
+        model = self.chunks[0]
+        decoder = model.decoder
+        module = (model.embedding if layer == 0 else decoder.final_layernorm
+                  if layer == self.num_layers else decoder.layers[layer - 1])
+        captured = {}
+
+        def hook(_module, _inputs, output):
+            captured["h"] = output[0] if isinstance(output, tuple) else output
+
+        handle = module.register_forward_hook(hook)
+        n = tokens.shape[1]
+        try:
+            self._run(self._padded(tokens), None, capture=True)
+        finally:
+            handle.remove()
+        h = captured["h"]  # [s / TP, b, h] with sequence parallelism
+        if self.tp > 1 and self.cfg.parallel.sequence_parallel:
+            h = tensor_parallel.gather_from_sequence_parallel_region(h, False)
+        return h.transpose(0, 1)[:, :n].float().cpu()
+
+
+class HFModel:
+    """A HuggingFace Mixtral export through transformers (one process computes everything)."""
+
+    kind = "hf"
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        hf_dir = Path(hf_dir)
+        config_file = hf_dir / "config.json"
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as err:
+            raise EvalError(f"{config_file}: cannot read a HuggingFace config ({err})") from None
+        if not isinstance(config, dict) or config.get("model_type") != "mixtral":
+            found = config.get("model_type") if isinstance(config, dict) else None
+            raise EvalError(f"{hf_dir} is not a Mixtral export (config.json model_type "
+                            f"{found!r}; geno-convert to-hf writes 'mixtral')")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise EvalError(f"transformers cannot load {hf_dir}: "
+                            f"{str(err).splitlines()[0]}") from None
+        self.model.eval()
+        self.path = hf_dir
+        self.num_layers = config["num_hidden_layers"]
+        self.hidden_size = config["hidden_size"]
+        tok_config = hf_dir / "tokenizer_config.json"
+        policy = "upper"
+        if tok_config.exists():
+            try:
+                policy = json.loads(tok_config.read_text()).get("geno_soft_mask", "upper")
+            except ValueError:
+                policy = "upper"
+        self.soft_mask = policy if policy in ("upper", "keep") else "upper"
+
+    def shard(self, n: int) -> tuple[int, int]:
+        return 0, 1
+
+    def gather(self, mine: dict, all_ranks: bool = False):
+        return [mine] if all_ranks else mine
+
+    def logprobs(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.model(tokens[:, :-1]).logits.double()
+        return torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+
+    def hidden(self, tokens: torch.Tensor, layer: int) -> torch.Tensor:
+        if not 0 <= layer <= self.num_layers:
+            raise EvalError(f"--layer must be in [0, {self.num_layers}], got {layer}")
+        with torch.no_grad():
+            out = self.model.model(tokens, output_hidden_states=True)
+        return out.hidden_states[layer].float()
+
+
+def open_model(checkpoint: Optional[str] = None, hf: Optional[str] = None,
+               iteration: Optional[int] = None, tensor_parallel: int = 1,
+               pipeline_parallel: int = 1, verify_checksums: bool = True):
+    """The model to score: --checkpoint (Megatron) or --hf (transformers), exactly one."""
+    if (checkpoint is None) == (hf is None):
+        raise EvalError("give exactly one of --checkpoint (a geno-train checkpoint) and --hf "
+                        "(a HuggingFace export)")
+    if hf is not None:
+        if tensor_parallel != 1 or pipeline_parallel != 1 or iteration is not None:
+            raise EvalError("--tensor-parallel, --pipeline-parallel and --iteration apply to "
+                            "--checkpoint only")
+        return HFModel(hf)
+    return MegatronModel(checkpoint, iteration, tensor_parallel, pipeline_parallel,
+                         verify_checksums)
+
+
+def for_each_batch(model, count: int, make, use, progress=None, compute=None) -> None:
+    """Runs compute (model.logprobs) on this data-parallel group's share of batches 0..count-1
+    (batch i is make(i)) and calls use(i, result) for each. Every rank runs the same number of
+    forwards, so the pipeline and tensor-parallel collectives pair up; model.gather merges
+    afterwards."""
+    compute = compute or model.logprobs
+    rank, size = model.shard(count)
+    rounds = -(-count // size)
+    steps = range(rounds)
+    for r in progress(steps, desc="batches", total=rounds) if progress else steps:
+        i = r * size + rank
+        result = compute(make(min(i, count - 1)))
+        if i < count:
+            use(i, result)
