@@ -165,6 +165,22 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """geno-eval's measures during training, every schedule.eval_interval steps (beside the
+    validation loss): loss per assembly on token-store corpora, and variant effect scores."""
+
+    corpora: list = field(default_factory=list)  # token-store corpus directories
+    split: str = "valid"  # the corpora's split: valid or test
+    window: Optional[int] = None  # tokens per loss window; None: data.seq_length
+    windows: int = 64  # a deterministic sample of this many loss windows (the same each time)
+    variants: Optional[str] = None  # a VCF / BCF of SNVs and short indels
+    reference: Optional[str] = None  # the reference FASTA of eval.variants
+    variants_window: int = 1024  # bases per variant window
+    label_field: Optional[str] = None  # an INFO field with labels (e.g. CLNSIG): AUROC
+    both_strands: bool = False
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -173,6 +189,7 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     precision: str = "auto"  # auto: bf16 with CUDA, fp32 on CPU; or fp32 / bf16
 
     def to_dict(self) -> dict:
@@ -325,6 +342,9 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "schedule.seed": (0, 2**63 - 1, True, True),
     "checkpoint.save_interval": (0, INF, True, False),
     "logging.log_interval": (1, INF, True, False),
+    "eval.window": (2, INF, True, False),
+    "eval.windows": (1, INF, True, False),
+    "eval.variants_window": (2, INF, True, False),
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "precision": ("auto", "fp32", "bf16"),
@@ -337,6 +357,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.recompute": ("none", "selective", "full"),
     "schedule.decay_style": ("cosine", "linear", "constant", "inverse-square-root"),
     "logging.wandb": ("off", "offline", "online"),
+    "eval.split": ("valid", "test"),
 }
 
 
@@ -377,6 +398,12 @@ def validate(cfg: TrainConfig) -> None:
     """Raises ConfigError for values out of range and settings that cannot work together."""
     check_ranges(cfg)
     m, p, d, o = cfg.model, cfg.parallel, cfg.data, cfg.optimizer
+    e = cfg.eval
+    if (e.variants is None) != (e.reference is None):
+        raise ConfigError("eval.variants (a VCF) and eval.reference (its FASTA) go together")
+    if (e.corpora or e.variants) and not cfg.schedule.eval_interval:
+        raise ConfigError("eval.corpora / eval.variants run every schedule.eval_interval steps; "
+                          "it is 0")
     if o.min_lr > o.lr:
         raise ConfigError(f"optimizer.min_lr={o.min_lr:g} must not exceed optimizer.lr={o.lr:g}")
     unknown = set(m.recompute_modules) - set(RECOMPUTE_MODULES)

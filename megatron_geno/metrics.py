@@ -111,7 +111,8 @@ class MetricsWriter:
 def format_record(record: dict) -> str:
     """Returns the console line for a metrics record."""
     parts = [f"step {record['step']:>6}"]
-    for key, fmt in (("loss", ".5f"), ("val_loss", ".5f"), ("lr", ".3e"), ("grad_norm", ".3f"),
+    for key, fmt in (("loss", ".5f"), ("val_loss", ".5f"), ("eval/loss", ".5f"),
+                     ("eval/variants_auroc", ".4f"), ("lr", ".3e"), ("grad_norm", ".3f"),
                      ("tokens_per_s", ".0f"), ("tflops_per_gpu", ".1f"), ("mfu", ".1%")):
         if record.get(key) is not None:
             parts.append(f"{key} {format(record[key], fmt)}")

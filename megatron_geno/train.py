@@ -28,6 +28,7 @@ from megatron_geno.checkpointing import (
 )
 from megatron_geno.config import ConfigError, TrainConfig, warmup_steps
 from megatron_geno.data import build_datasets, microbatches
+from megatron_geno.evaluation.during_training import training_eval
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
                                  use_transformer_engine, wrap_ddp)
@@ -155,6 +156,7 @@ def train(cfg: TrainConfig) -> list[dict]:
         raise ConfigError("data.reset_attention_mask needs model.attention_backend=sdpa (the TE "
                           "spec's fused attention takes no per-document mask)")
     train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, run_dir)
+    evaluator = training_eval(cfg, model)  # eval.corpora / eval.variants, read once, now
     dp = parallel_state.get_data_parallel_world_size()
     num_micro = d.global_batch_size // (d.micro_batch_size * dp)  # divisible: layout checked
 
@@ -233,6 +235,8 @@ def train(cfg: TrainConfig) -> list[dict]:
             }
             if eval_due:
                 record["val_loss"] = run_eval()
+                if evaluator is not None:
+                    record.update(evaluator.run())
             records.append(record)
             if writer:
                 writer.write(record)

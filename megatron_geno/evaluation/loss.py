@@ -87,10 +87,11 @@ def _batch(windows: list[Window], parts, length: int, tokens: bool = True):
 
 def evaluate_loss(model, corpora: list[str], split: str = "valid", length: int = 1024,
                   sample: Optional[int] = None, batch_size: int = 8, seed: int = 0,
-                  progress=None) -> dict:
-    """Scores the windows; returns {"assemblies": [...], "species": [...], "total": {...},
-    "window": L, "split": ..., "model": ...}, each row with tokens, loss (nats) and bits/base."""
-    windows, assemblies, parts = corpus_windows(corpora, split, length, sample, seed)
+                  progress=None, prepared=None) -> dict:
+    """Scores the windows (prepared: corpus_windows' result, to reuse); returns {"assemblies":
+    [...], "species": [...], "total": {...}, "window": L, "split": ..., "model": ...}, each row
+    with tokens, loss (nats) and bits/base."""
+    windows, assemblies, parts = prepared or corpus_windows(corpora, split, length, sample, seed)
     groups = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
     sums = {}  # assembly -> (nats, tokens) over this data-parallel rank's batches
 

@@ -35,11 +35,22 @@ class MegatronModel:
 
     kind = "megatron"
 
-    def __init__(self, checkpoint: str | Path, iteration: Optional[int] = None,
-                 tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                 verify_checksums: bool = True) -> None:
-        import yaml
+    def __init__(self, chunks: list, cfg, path, soft_mask: str) -> None:
+        """Scores with model chunks already built (and loaded) under megatron-core's groups:
+        geno-train's own during training, or MegatronModel.load's."""
         from megatron.core import parallel_state
+
+        self.chunks, self.cfg, self.path, self.soft_mask = chunks, cfg, path, soft_mask
+        self.num_layers = cfg.model.num_layers
+        self.hidden_size = cfg.model.hidden_size
+        self.tp = cfg.parallel.tensor_parallel
+        self.ps = parallel_state
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, iteration: Optional[int] = None,
+             tensor_parallel: int = 1, pipeline_parallel: int = 1,
+             verify_checksums: bool = True) -> "MegatronModel":
+        import yaml
 
         from megatron_geno import distributed
         from megatron_geno.checkpointing import (CheckpointError, load_model_weights,
@@ -64,25 +75,20 @@ class MegatronModel:
         model_cfg = ModelConfig(**{k: v for k, v in saved.items() if k in known})
         # eval runs in fp32 with the local spec's eager kernels (no compile at start-up)
         model_cfg.fusions = "off"
-        self.cfg = TrainConfig(model=model_cfg, parallel=parallel, precision="fp32")
+        cfg = TrainConfig(model=model_cfg, parallel=parallel, precision="fp32")
         try:
-            self.chunks = build_model_chunks(self.cfg, VOCAB_SIZE)
-            load_model_weights(self.chunks, ckpt, common)
+            chunks = build_model_chunks(cfg, VOCAB_SIZE)
+            load_model_weights(chunks, ckpt, common)
         except (CheckpointError, ConfigError) as err:
             raise EvalError(str(err)) from None
-        for chunk in self.chunks:
+        for chunk in chunks:
             chunk.eval()
-        self.path = ckpt
-        self.num_layers = model_cfg.num_layers
-        self.hidden_size = model_cfg.hidden_size
         config_file = ckpt.parent / "config.yaml"
         spec = "geno"
         if config_file.exists():
             spec = ((yaml.safe_load(config_file.read_text()) or {}).get("data") or {}).get(
                 "tokenizer", "geno")
-        self.soft_mask = soft_mask_of_spec(spec)
-        self.tp = tensor_parallel
-        self.ps = parallel_state
+        return cls(chunks, cfg, ckpt, soft_mask_of_spec(spec))
 
     # ---- data parallelism: which batches this rank computes, and everyone gets all --------------
 
@@ -243,8 +249,8 @@ def open_model(checkpoint: Optional[str] = None, hf: Optional[str] = None,
             raise EvalError("--tensor-parallel, --pipeline-parallel and --iteration apply to "
                             "--checkpoint only")
         return HFModel(hf)
-    return MegatronModel(checkpoint, iteration, tensor_parallel, pipeline_parallel,
-                         verify_checksums)
+    return MegatronModel.load(checkpoint, iteration, tensor_parallel, pipeline_parallel,
+                              verify_checksums)
 
 
 def for_each_batch(model, count: int, make, use, progress=None, compute=None) -> None:

@@ -170,15 +170,23 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> Optional[float]:
     return float((ranks[:len(neg)].sum() - len(neg) * (len(neg) + 1) / 2) / (len(neg) * len(pos)))
 
 
-def score_variants(model, vcf: str | Path, reference: str | Path, length: int = 1024,
-                   both_strands: bool = False, label_field: Optional[str] = None,
-                   batch_size: int = 8, progress=None) -> dict:
-    """Scores every supported record; returns {"variants": [...], "counts": {...}, "auroc": ...}."""
+def prepare_variants(vcf: str | Path, reference: str | Path, length: int, soft_mask: str,
+                     label_field: Optional[str] = None) -> list[Variant]:
+    """The VCF's alleles with their windows (or their status), ready to score."""
     if length < 2:
         raise EvalError(f"--window must be at least 2, got {length}")
     fasta = open_reference(reference)
     variants = read_variants(vcf, fasta, label_field)
-    make_windows(variants, fasta, length, model.soft_mask)
+    make_windows(variants, fasta, length, soft_mask)
+    return variants
+
+
+def score_variants(model, vcf: str | Path, reference: str | Path, length: int = 1024,
+                   both_strands: bool = False, label_field: Optional[str] = None,
+                   batch_size: int = 8, progress=None, prepared=None) -> dict:
+    """Scores every supported record (prepared: prepare_variants' result, to reuse); returns
+    {"variants": [...], "counts": {...}, "auroc": ...}."""
+    variants = prepared or prepare_variants(vcf, reference, length, model.soft_mask, label_field)
     scored = [v for v in variants if v.status == "ok"]
     windows = []  # (variant index, strand sign, ref or alt)
     for i, v in enumerate(scored):

@@ -293,3 +293,42 @@ def test_embeddings_agree_across_forms_and_pool_as_stated(env, tmp_path):
     np.testing.assert_allclose(hf[1, 1], states[-1].numpy(), atol=1e-5)
     assert "exists" in error_line(geno_eval("embed", "--hf", env["hf"], "--fasta", fasta,
                                             "--out", tmp_path / "hf.npy", check=False))
+
+
+def test_during_training_equals_geno_eval_on_the_saved_checkpoint(env, tmp_path):
+    """eval.corpora / eval.variants at TP=2 score what geno-eval scores on the checkpoint saved
+    at that step: the same windows, the same losses, the same AUROC."""
+    records = geno_train(tmp_path / "run", f"checkpoint.load={env['ckpt']}",
+                         "checkpoint.weights_only=true", "schedule.train_iters=2",
+                         "schedule.eval_interval=2", "parallel.tensor_parallel=2",
+                         f"eval.corpora=[{env['corpus']}]", "eval.window=128", "eval.windows=16",
+                         f"eval.variants={env['parity']}", f"eval.reference={env['ref']}",
+                         f"eval.variants_window={WINDOW}", "eval.label_field=CLNSIG",
+                         f"checkpoint.save={tmp_path / 'ckpt'}", nproc=2)
+    logged = records[-1]
+    assert logged["step"] == 2 and "val_loss" in logged
+    out = tmp_path / "loss.json"
+    geno_eval("loss", "--checkpoint", tmp_path / "ckpt", "--corpus", env["corpus"], "--window",
+              128, "--windows", 16, "--json", out)
+    for row in json.loads(out.read_text())["assemblies"]:
+        key = f"eval/loss/corpus/{row['assembly']}"
+        assert abs(logged[key] - row["loss"]) <= 1e-4 * row["loss"], (key, logged[key], row)
+    geno_eval("variants", "--checkpoint", tmp_path / "ckpt", "--vcf", env["parity"],
+              "--reference", env["ref"], "--window", WINDOW, "--label-field", "CLNSIG",
+              "--out", tmp_path / "v.tsv", "--json", tmp_path / "v.json")
+    assert abs(logged["eval/variants_auroc"] - json.loads(
+        (tmp_path / "v.json").read_text())["auroc"]) < 2e-3
+
+
+def test_eval_settings_are_checked_before_training(env, tmp_path):
+    from tests.functional.launcher import geno_train_error
+
+    for overrides, expected in (
+            ([f"eval.variants={env['vcf']}"], "eval.variants (a VCF) and eval.reference"),
+            ([f"eval.variants={tmp_path / 'none.vcf'}", f"eval.reference={env['ref']}"],
+             "none.vcf does not exist"),
+            (["eval.corpora=[nowhere]"], "corpus nowhere")):
+        code, stderr = geno_train_error(tmp_path / "run", "schedule.eval_interval=5", *overrides)
+        lines = [line for line in stderr.splitlines() if line.startswith("geno-train: error:")]
+        assert code == 2 and len(lines) == 1 and expected in lines[0], stderr[-2000:]
+        assert not (tmp_path / "run" / "metrics.jsonl").exists()  # before the first step
