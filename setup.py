@@ -30,7 +30,7 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
-        "hf": ["transformers>=4.45", "safetensors", "tokenizers"],
+        "hf": ["transformers>=4.45", "tokenizers"],
         "test": ["pytest"],
         "track": ["wandb"],  # logging.wandb (optional; offline mode needs no network)
         "eval": ["pysam>=0.22"],  # geno-eval variants / embed read VCF, BCF and FASTA with it

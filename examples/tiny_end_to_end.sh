@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole flow on CPU in a few minutes: FASTA assemblies -> geno-preprocess -> geno-launch
-# (geno-train, tiny preset, 2 ranks) -> geno-convert to-hf -> geno-convert verify -> transformers.
+# (geno-train, tiny preset, 2 ranks) -> geno-convert to-hf -> geno-convert verify -> geno-eval loss.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT_DIR:-runs/example}
@@ -32,34 +32,22 @@ $BIN/geno-convert to-hf --checkpoint "$OUT/ckpt" --out "$OUT/hf" 2>/dev/null
 echo "== 5/6 geno-convert verify: Megatron vs transformers logits (fp32, 2048 bases)"
 $BIN/geno-convert verify --checkpoint "$OUT/ckpt" --hf "$OUT/hf" 2>/dev/null
 
-echo "== 6/6 load it with transformers (no remote code): per-assembly validation loss on chr20"
+echo "== 6/6 geno-eval loss: per-assembly validation loss on chr20, from the HuggingFace export"
+$BIN/geno-eval loss --hf "$OUT/hf" --corpus "$OUT/corpus/human" --corpus "$OUT/corpus/primates" \
+    --window 256 --windows 96 --json "$OUT/eval_loss.json" 2>/dev/null
 $PYTHON - "$OUT" <<'PY'
 import json, math, sys
-import numpy as np, torch
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from data_pipeline.corpus import Corpus
-from megatron_geno.vocab import EOD
+from transformers.utils import logging as hf_logging
 
+hf_logging.disable_progress_bar()
 out = sys.argv[1]
 tok = AutoTokenizer.from_pretrained(f"{out}/hf")
 model = AutoModelForCausalLM.from_pretrained(f"{out}/hf", dtype=torch.float32).eval()
-print(f"transformers {type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} "
-      f"parameters; tokenizer: {tok('ACGTN').input_ids} for ACGTN")
-print(f"\n{'corpus':<10} {'assembly':<10} {'species':<16} {'valid tokens':>12} {'loss':>7} {'bits/base':>9}")
-for corpus in ("human", "primates"):
-    for entry, part in Corpus(f"{out}/corpus/{corpus}").parts():
-        scored, total = 0, 0.0
-        for i in np.flatnonzero(part.doc_split == 1):  # chr20, EOD dropped
-            ids = part.document(int(i))[:-1][: 16 * 256]
-            windows = torch.from_numpy(ids[: len(ids) // 256 * 256].astype(np.int64)).view(-1, 256)
-            with torch.no_grad():  # windows of the training context length
-                loss = model(windows, labels=windows).loss.item()
-            total += loss * windows.numel()
-            scored += windows.numel()
-        loss = total / scored
-        print(f"{corpus:<10} {entry['assembly']:<10} {entry['species']:<16} {scored:>12,d} "
-              f"{loss:>7.4f} {loss / math.log(2):>9.3f}")
-print(f"(uniform over A C G T: {math.log(4):.4f} nats = 2 bits per base)")
+print(f"\ntransformers {type(model).__name__} (no remote code): "
+      f"{sum(p.numel() for p in model.parameters()):,} parameters; tokenizer: "
+      f"{tok('ACGTN').input_ids} for ACGTN")
 
 records = [json.loads(l) for l in open(f"{out}/train/metrics.jsonl")]
 print(f"\nloss curve (ln 4 = {math.log(4):.3f}):")
@@ -71,5 +59,6 @@ print(f"\nartifacts:\n  assemblies  {out}/fasta (*.fa.gz, human.tsv, primates.ts
       f"\n  metrics     {out}/train/metrics.jsonl (TensorBoard: {out}/train/tensorboard)"
       f"\n  config      {out}/train/config.yaml (launch copy: {out}/train/launch/)"
       f"\n  checkpoints {out}/ckpt (latest: {open(f'{out}/ckpt/latest').read().strip()})"
-      f"\n  HuggingFace {out}/hf (MixtralForCausalLM, tokenizer.json)")
+      f"\n  HuggingFace {out}/hf (MixtralForCausalLM, tokenizer.json)"
+      f"\n  eval        {out}/eval_loss.json (geno-eval loss)")
 PY

@@ -20,6 +20,9 @@ KNOWN_WARNINGS = (
     r"`torch.distributed.all_gather_into_tensor` is deprecated",
     "The 'megatron.core.transformer.custom_layers.transformer_engine'",
     "__array__ implementation doesn't accept a copy keyword",
+    # torch.distributed.checkpoint, called by megatron-core's checkpoint loader
+    "`load_state_dict` is deprecated and will be removed",
+    "Please use DTensor instead and we are deprecating ShardedTensor",
 )
 # megatron-core loggers whose INFO / WARNING start-up lines are noise here
 QUIET_LOGGERS = ("megatron", "megatron.core", "megatron.core.rerun_state_machine",

@@ -199,7 +199,9 @@ class HFModel:
             raise EvalError(f"{hf_dir} is not a Mixtral export (config.json model_type "
                             f"{found!r}; geno-convert to-hf writes 'mixtral')")
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # geno-eval draws its own
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
         except (OSError, ValueError, RuntimeError) as err:

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def setup_requirements() -> dict[str, str]:
-    """Returns {name: requirement} from setup.py's install_requires and the hf/test extras."""
+    """Returns {name: requirement} from setup.py's install_requires and the hf/test/eval extras."""
     tree = ast.parse((ROOT / "setup.py").read_text())
     constants = {t.id: n.value.value for n in tree.body if isinstance(n, ast.Assign)
                  for t in n.targets if isinstance(t, ast.Name) and isinstance(n.value, ast.Constant)}
@@ -21,7 +21,7 @@ def setup_requirements() -> dict[str, str]:
 
     reqs = strings(kw["install_requires"])
     extras = {k.value: v for k, v in zip(kw["extras_require"].keys, kw["extras_require"].values)}
-    reqs += strings(extras["hf"]) + strings(extras["test"])
+    reqs += strings(extras["hf"]) + strings(extras["test"]) + strings(extras["eval"])
     return {re.split(r"[<>=!\[]", r)[0].lower(): r for r in reqs}
 
 
@@ -41,7 +41,8 @@ def test_dockerfile_pins_agree_with_setup_py():
 def test_every_console_script_and_recipe_is_packaged():
     setup = (ROOT / "setup.py").read_text()
     for script, module in (("geno-preprocess", "data_pipeline.cli"), ("geno-train", "megatron_geno.cli"),
-                           ("geno-convert", "checkpoint_tools.cli"), ("geno-launch", "launch.cli")):
+                           ("geno-convert", "checkpoint_tools.cli"), ("geno-launch", "launch.cli"),
+                           ("geno-eval", "megatron_geno.evaluation.cli")):
         assert f'"{script}={module}:main"' in setup
         assert (ROOT / (module.replace(".", "/") + ".py")).exists()
     assert '"recipes/*.yaml", "torchrun.sh", "slurm/*.sbatch"' in setup
