@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.preprocess_throughput import synthetic_bases  # noqa: E402
-from data_pipeline.shard import CHUNK_TOKENS, CODECS, DECODERS, ZARR_NAMES, encode_shard  # noqa: E402
+from data_pipeline.shard_format import CHUNK_TOKENS, CODECS, DECODERS, ZARR_NAMES, encode_shard  # noqa: E402
 from megatron_geno.vocab import EOD, encoding_table  # noqa: E402
 
 

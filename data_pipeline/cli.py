@@ -108,8 +108,7 @@ def main(argv=None) -> int:
     from data_pipeline.fasta import FastaError
     from data_pipeline.manifest import ManifestError
     from data_pipeline.normalise import PolicyError
-    from data_pipeline.pipeline import PipelineError
-    from data_pipeline.shard import ShardError
+    from data_pipeline.errors import PipelineError, ShardError
     from data_pipeline.splits import SplitError
 
     try:
@@ -120,7 +119,7 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
-    from data_pipeline.pipeline import finalize
+    from data_pipeline.corpus_manifest import finalize
 
     if args.command == "run":
         return _run(args)
@@ -158,7 +157,9 @@ def _dispatch(args) -> int:
 def _run(args) -> int:
     from data_pipeline.manifest import ManifestError, assemblies_from_paths, read_manifest, task_slice
     from data_pipeline.normalise import NormalisationPolicy
-    from data_pipeline.pipeline import PipelineConfig, finalize, prepare_out, run
+    from data_pipeline.corpus_manifest import finalize, prepare_out
+    from data_pipeline.pipeline import run
+    from data_pipeline.run_config import PipelineConfig
     from data_pipeline.splits import SplitRules, parse_pairs
 
     if bool(args.manifest) == bool(args.fasta):

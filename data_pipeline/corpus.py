@@ -8,8 +8,10 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.pipeline import PipelineError, read_manifest_json
-from data_pipeline.shard import SPLITS, Part, read_attrs
+from data_pipeline.corpus_manifest import read_manifest_json
+from data_pipeline.errors import PipelineError
+from data_pipeline.shard_format import SPLITS, read_attrs
+from data_pipeline.token_reader import Part
 
 
 class Corpus:

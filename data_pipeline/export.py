@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipeline.corpus import Corpus
-from data_pipeline.shard import SPLITS
+from data_pipeline.shard_format import SPLITS
 
 
 def export_megatron(corpus_dir: str | Path, prefix: str, show_progress=None) -> dict[str, str]:

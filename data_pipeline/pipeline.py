@@ -1,103 +1,30 @@
-"""geno-preprocess's work: assemblies -> shard groups (resumable, parallel), corpus manifest.
+"""geno-preprocess's work: each assembly into its shard group (resumable), in a worker pool.
 
-Corpus layout::
-
-    OUT/run.json              the pipeline config, its hash, and every assembly of the manifest
-    OUT/shards/<assembly>/    one zarr group per assembly (parts inside; see data_pipeline.shard)
-    OUT/shards/.<id>.tmp/     an assembly being written (deleted and redone on rerun)
-    OUT/manifest.json         written by finalize: shards, token/document counts, splits
+The corpus layout, run.json and manifest.json are data_pipeline.corpus_manifest's; the options and
+hashes data_pipeline.run_config's; the shard format data_pipeline.shard_format's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
+from data_pipeline.errors import PipelineError, ShardError
 from data_pipeline.fasta import CHUNK_SIZE, FastaError, Header, compression_of, line_of_offset
 from data_pipeline.fasta import open_source, read_fasta
 from data_pipeline.manifest import Assembly
-from data_pipeline.normalise import (ContigNormaliser, ContigStats, InvalidCharacter,
-                                     NormalisationPolicy)
-from data_pipeline.shard import (CHUNK_TOKENS, CODECS, FORMAT_VERSION, SHARD_TOKENS, SPLITS,
-                                 AssemblyWriter, ShardError, read_attrs)
-from data_pipeline.splits import SplitRules
-from megatron_geno.files import fsync_path, fsync_tree, write_text_atomic
+from data_pipeline.normalise import ContigNormaliser, ContigStats, InvalidCharacter
+from data_pipeline.run_config import PipelineConfig, assembly_hash
+from data_pipeline.shard_format import SPLITS, read_attrs
+from data_pipeline.shard_writer import AssemblyWriter
+from megatron_geno.files import fsync_path, fsync_tree
 from megatron_geno.vocab import TOKENIZER_VERSION, VOCAB
-
 log = logging.getLogger(__name__)
-
-
-class PipelineError(ValueError):
-    """A problem with the corpus directory or a previous run; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Everything that decides the bytes of a shard; its hash marks finished shards as reusable."""
-
-    policy: NormalisationPolicy = field(default_factory=NormalisationPolicy)
-    rules: SplitRules = field(default_factory=SplitRules)
-    part_tokens: int = 1 << 30
-    chunk_tokens: int = CHUNK_TOKENS
-    shard_tokens: int = SHARD_TOKENS
-    compression_level: int = 1
-    codec: str = "dna2bit"
-
-    def __post_init__(self):
-        if self.codec not in CODECS:
-            raise PipelineError(f"--codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
-        if self.chunk_tokens < 1 or self.shard_tokens % self.chunk_tokens:
-            raise PipelineError(f"shard size {self.shard_tokens} must be a multiple of the chunk "
-                                f"size {self.chunk_tokens}")
-        if self.codec == "dna2bit" and self.chunk_tokens % 8:
-            raise PipelineError(f"--codec dna2bit packs whole 8-token words; chunk size "
-                                f"{self.chunk_tokens} is not a multiple of 8")
-        if self.part_tokens < 1:
-            raise PipelineError(f"--part-size must be positive, got {self.part_tokens}")
-
-    def to_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "tokenizer_version": TOKENIZER_VERSION,
-                "policy": self.policy.to_dict(), "rules": self.rules.to_dict(),
-                "part_tokens": self.part_tokens, "chunk_tokens": self.chunk_tokens,
-                "shard_tokens": self.shard_tokens, "compression_level": self.compression_level,
-                "codec": self.codec}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PipelineConfig":
-        rules = d["rules"]
-        return cls(NormalisationPolicy(**d["policy"]),
-                   SplitRules(tuple(map(tuple, rules["contig_patterns"])),
-                              tuple(map(tuple, rules["sample_fractions"])), rules["seed"]),
-                   d["part_tokens"], d["chunk_tokens"], d["shard_tokens"], d["compression_level"],
-                   d["codec"])
-
-    def hash(self) -> str:
-        return _sha(self.to_dict())
-
-
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def assembly_hash(config: PipelineConfig, assembly: Assembly) -> str:
-    """The identity of one shard group: config, manifest row and source size."""
-    try:
-        size = os.path.getsize(assembly.path)
-    except OSError:
-        size = -1
-    return _sha([config.hash(), assembly.to_dict(), size])
-
-
-def _write_json(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, force: bool = False,
@@ -230,130 +157,6 @@ def _stats(s: ContigStats) -> dict:
             "n_fraction": s.n / bases, "ambiguous": s.ambiguous, "lower_fraction": s.lower / bases,
             "gc_fraction": s.gc / max(s.bases - s.n, 1), "dropped_pieces": s.dropped_pieces,
             "dropped_bases": s.dropped_bases}
-
-
-def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], force: bool,
-                only_listed: bool = False) -> None:
-    """Creates OUT and its run.json; refuses a corpus written with another config (unless force).
-
-    Assemblies of earlier runs that this run does not name stay in the corpus (and its manifest)
-    unless only_listed.
-    """
-    if out.exists() and not out.is_dir():
-        raise PipelineError(f"--out {out} is a file; name a corpus directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise PipelineError(f"--out {out}: cannot create ({err.strerror})") from None
-    run_file = out / "run.json"
-    kept: list[Assembly] = []
-    if run_file.exists():
-        try:
-            previous = json.loads(run_file.read_text())
-            earlier = [Assembly(**row) for row in previous.get("assemblies", [])]
-        except (OSError, ValueError, TypeError) as err:
-            raise PipelineError(f"{run_file}: unreadable ({err}); remove it or use a new --out")
-        if previous.get("config_hash") != config.hash() and not force:
-            raise PipelineError(
-                f"{out} holds a corpus made with other options (config hash "
-                f"{previous.get('config_hash')} != {config.hash()}); use the same options, "
-                f"--force to redo it, or a new --out")
-        named = {a.assembly for a in assemblies}
-        unnamed = [a for a in earlier if a.assembly not in named]
-        if unnamed and not only_listed:
-            kept = unnamed
-            log.info("%s keeps %d assemblies of earlier runs that this run does not name (%s%s); "
-                     "--only-listed leaves them out of the manifest", out, len(kept),
-                     ", ".join(a.assembly for a in kept[:3]), ", ..." if len(kept) > 3 else "")
-    _write_json(run_file, {"format_version": FORMAT_VERSION, "config": config.to_dict(),
-                           "config_hash": config.hash(),
-                           "assemblies": [a.to_dict() for a in kept + list(assemblies)]})
-
-
-def finalize(out: Path) -> dict:
-    """Writes OUT/manifest.json once every assembly of run.json is finished; returns it."""
-    try:
-        run = json.loads((out / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise PipelineError(f"{out}/run.json: unreadable ({err}); run geno-preprocess run first")
-    config = PipelineConfig.from_dict(run["config"])
-    entries, missing = [], []
-    for row in run["assemblies"]:
-        assembly = Assembly(**row)
-        group = out / "shards" / assembly.assembly
-        try:
-            attrs = read_attrs(group) if (group / "zarr.json").exists() else {}
-        except ShardError:
-            attrs = {}  # damaged: not finished
-        if attrs.get("assembly_hash") != assembly_hash(config, assembly):
-            missing.append(assembly.assembly)
-            continue
-        entries.append({
-            **{k: attrs[k] for k in ("assembly", "sample", "haplotype", "species")},
-            "path": f"shards/{assembly.assembly}",
-            "assembly_hash": attrs["assembly_hash"],
-            "source_md5": attrs["source"]["md5"],
-            "parts": attrs["parts"],
-            "stats": attrs["stats"],
-        })
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise PipelineError(f"{len(missing)} of {len(run['assemblies'])} assemblies are not "
-                            f"finished ({shown}); run the remaining tasks (or run again with "
-                            f"--only-listed to leave out what this run does not name), then "
-                            f"finalize")
-    totals = {"tokens": 0, "documents": 0, "split_tokens": {s: 0 for s in SPLITS},
-              "split_documents": {s: 0 for s in SPLITS}}
-    for entry in entries:
-        for part in entry["parts"]:
-            totals["tokens"] += part["tokens"]
-            totals["documents"] += part["documents"]
-            for s in SPLITS:
-                totals["split_tokens"][s] += part["split_tokens"][s]
-                totals["split_documents"][s] += part["split_documents"][s]
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "config": run["config"],
-        "config_hash": run["config_hash"],
-        "content_hash": _sha([e["assembly_hash"] for e in entries]),
-        "tokenizer": {"name": "geno", "version": TOKENIZER_VERSION, "vocab_size": len(VOCAB)},
-        "totals": totals,
-        "assemblies": entries,
-    }
-    _write_json(out / "manifest.json", manifest)
-    return manifest
-
-
-_ENTRY_PATH = re.compile(r"^shards/[A-Za-z0-9][A-Za-z0-9._#+-]*$")
-_PART_NAME = re.compile(r"^part-[0-9]{5}$")
-
-
-def read_manifest_json(corpus: Path) -> dict:
-    """Returns a finished corpus's manifest.json, checked; a clear error when missing or bad.
-
-    Every path it names must stay inside the corpus (shards/<assembly>/part-NNNNN).
-    """
-    path = Path(corpus) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{path} does not exist: the corpus is unfinished (run "
-                            f"geno-preprocess finalize {corpus}) or not a corpus") from None
-    except (OSError, ValueError) as err:
-        raise PipelineError(f"{path}: unreadable ({err})") from None
-    try:
-        for n, entry in enumerate(manifest["assemblies"]):
-            if not isinstance(entry.get("path"), str) or not _ENTRY_PATH.match(entry["path"]):
-                raise PipelineError(f"{path}: assembly {n} has path {entry.get('path')!r}, not "
-                                    f"shards/<assembly> inside the corpus")
-            for part in entry["parts"]:
-                if not isinstance(part.get("name"), str) or not _PART_NAME.match(part["name"]):
-                    raise PipelineError(f"{path}: assembly {entry['path']} names part "
-                                        f"{part.get('name')!r}, not part-NNNNN")
-        manifest["totals"]["split_tokens"]
-    except (KeyError, TypeError, AttributeError) as err:
-        raise PipelineError(f"{path} is not a corpus manifest (missing {err})") from None
-    return manifest
 
 
 _PROGRESS = None  # per process: where progress (bases) goes; set by _worker_init

@@ -11,7 +11,9 @@ import numpy as np
 from data_pipeline.corpus import Corpus
 from data_pipeline.fasta import Header, open_source, read_fasta
 from data_pipeline.normalise import NEWLINES
-from data_pipeline.shard import Part, ShardError, read_attrs
+from data_pipeline.errors import ShardError
+from data_pipeline.shard_format import read_attrs
+from data_pipeline.token_reader import Part
 from megatron_geno.vocab import encoding_table
 
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     from megatron_geno.checkpointing import CheckpointError
     from megatron_geno.train import train
 
-    from data_pipeline.shard import ShardError
+    from data_pipeline.errors import ShardError
 
     try:
         train(cfg)

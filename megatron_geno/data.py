@@ -20,6 +20,9 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
+from data_pipeline.corpus import CorpusSplit
+from data_pipeline.corpus_manifest import read_manifest_json
+from data_pipeline.errors import PipelineError
 from megatron_geno.config import ConfigError, TrainConfig
 from megatron_geno.vocab import COMPLEMENT, EOD
 
@@ -186,8 +189,6 @@ class GenoGPTDataset(GPTDataset):
     @staticmethod
     def build_low_level_dataset(dataset_path: str, config: GPTDatasetConfig):
         if ZARR_MARK in dataset_path:
-            from data_pipeline.corpus import CorpusSplit
-
             corpus, split, _ = dataset_path.split(ZARR_MARK)
             return CorpusSplit(corpus, split)
         return GPTDataset.build_low_level_dataset(dataset_path, config)
@@ -210,8 +211,6 @@ def zarr_blend_per_split(blend: list, needed: list[bool]) -> list:
     A split that is needed (train always; valid when evaluating) but has no documents in any
     corpus is a ConfigError naming the corpora.
     """
-    from data_pipeline.pipeline import PipelineError, read_manifest_json
-
     paths, weights = parse_blend(blend)
     try:
         manifests = [read_manifest_json(Path(corpus)) for corpus in paths]

@@ -34,8 +34,8 @@ def corpus_windows(corpora: list[str], split: str, length: int, sample: Optional
     """Returns (windows, assemblies, parts): every window of the split's documents (or a sample of
     them, sorted), the assembly table [{corpus, assembly, species}], and the opened parts."""
     from data_pipeline.corpus import Corpus
-    from data_pipeline.pipeline import PipelineError
-    from data_pipeline.shard import SPLITS, ShardError
+    from data_pipeline.errors import PipelineError, ShardError
+    from data_pipeline.shard_format import SPLITS
 
     if split not in SPLITS[1:]:
         raise EvalError(f"--split must be valid or test, got {split!r}")

@@ -116,7 +116,9 @@ def test_manifest_paths_never_leave_the_corpus(fastas, tmp_path):
 def test_published_files_are_fsynced_before_the_rename(fastas, tmp_path, monkeypatch):
     """Every file of a finished assembly reaches the disk before the rename that publishes it."""
     from data_pipeline import pipeline
+    from data_pipeline.corpus_manifest import prepare_out
     from data_pipeline.manifest import assemblies_from_paths
+    from data_pipeline.run_config import PipelineConfig
     from megatron_geno import files
 
     events = []
@@ -132,10 +134,10 @@ def test_published_files_are_fsynced_before_the_rename(fastas, tmp_path, monkeyp
 
     monkeypatch.setattr(files.os, "fsync", fsync)
     monkeypatch.setattr(pipeline.os, "replace", replace)
-    config = pipeline.PipelineConfig()
+    config = PipelineConfig()
     [assembly] = assemblies_from_paths([str(fastas[0])], "test")
     out = tmp_path / "corpus"
-    pipeline.prepare_out(out, config, [assembly], False)
+    prepare_out(out, config, [assembly], False)
     pipeline.process_assembly(assembly, out, config)
     publish = next(i for i, e in enumerate(events)
                    if e[0] == "replace" and e[2] == str(out / "shards" / "a0"))

@@ -47,3 +47,23 @@ def test_every_console_script_and_recipe_is_packaged():
         assert (ROOT / (module.replace(".", "/") + ".py")).exists()
     assert '"recipes/*.yaml", "torchrun.sh", "slurm/*.sbatch"' in setup
     assert len(list((ROOT / "launch" / "recipes").glob("genos-*.yaml"))) == 8
+
+
+def test_the_token_store_imports_no_training_code():
+    """data_pipeline (writer and reader) uses only megatron_geno's leaf modules (vocabulary, file
+    publication, sizes, warnings, child lifetime), so megatron_geno.data imports it at the top
+    with no cycle; megatron-core and torch stay out of preprocessing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, data_pipeline.cli, data_pipeline.pipeline, data_pipeline.corpus, "
+            "data_pipeline.verify, data_pipeline.export; "
+            "print(sorted(m for m in sys.modules if m.startswith(('megatron', 'torch'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True).stdout
+    loaded = set(ast.literal_eval(out.strip()))
+    leaves = {"megatron_geno", "megatron_geno.vocab", "megatron_geno.files",
+              "megatron_geno.units", "megatron_geno.quiet", "megatron_geno.lifetime"}
+    assert loaded <= leaves, loaded - leaves
+    text = (ROOT / "megatron_geno" / "data.py").read_text()
+    assert "from data_pipeline.corpus import CorpusSplit\n" in text  # at the top, not lazily

@@ -15,8 +15,11 @@ from data_pipeline.cli import main
 from data_pipeline.corpus import Corpus, CorpusSplit
 from data_pipeline.manifest import Assembly
 from data_pipeline.normalise import NormalisationPolicy
-from data_pipeline.pipeline import PipelineConfig, prepare_out, process_assembly
-from data_pipeline.shard import ZARR_NAMES, TokenReader
+from data_pipeline.corpus_manifest import prepare_out
+from data_pipeline.pipeline import process_assembly
+from data_pipeline.run_config import PipelineConfig
+from data_pipeline.shard_format import ZARR_NAMES
+from data_pipeline.token_reader import TokenReader
 from megatron_geno.vocab import EOD, VOCAB, encoding_table
 from tests.genomes import fasta_bytes, genome, random_bases, write_fasta
 from tests.unit.test_normalise import normalise
@@ -55,7 +58,7 @@ def test_shards_round_trip_across_parts_and_rollbacks(tmp_path):
     prepare_out(tmp_path / "out", config, [asm], False)
     attrs = process_assembly(asm, tmp_path / "out", config, read_chunk=100)
     assert len(attrs["parts"]) > 2
-    from data_pipeline.pipeline import finalize
+    from data_pipeline.corpus_manifest import finalize
 
     finalize(tmp_path / "out")
     got = []
