@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from tqdm import tqdm
 
 from data_pipeline.corpus import Corpus
 from data_pipeline.shard_format import SPLITS
+from megatron_geno.files import write_files_atomic
 
 
 def export_megatron(corpus_dir: str | Path, prefix: str, show_progress=None) -> dict[str, str]:
@@ -29,16 +29,19 @@ def export_megatron(corpus_dir: str | Path, prefix: str, show_progress=None) -> 
             continue
         out = f"{prefix}_{split}"
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        builder = IndexedDatasetBuilder(out + ".bin.tmp", dtype=np.uint8)
-        with tqdm(total=total, unit="tok", unit_scale=True, desc=f"export {split}",
-                  disable=None if show_progress is None else not show_progress) as bar:
-            for _, part in corpus.parts():
-                for i in np.flatnonzero(part.doc_split == code):
-                    doc = part.document(int(i))
-                    builder.add_document(torch.from_numpy(doc), [len(doc)])
-                    bar.update(len(doc))
-        builder.finalize(out + ".idx.tmp")
-        os.replace(out + ".bin.tmp", out + ".bin")
-        os.replace(out + ".idx.tmp", out + ".idx")
+
+        def write(temps: list[Path], code: int = code, split: str = split,
+                  total: int = total) -> None:
+            builder = IndexedDatasetBuilder(str(temps[0]), dtype=np.uint8)
+            with tqdm(total=total, unit="tok", unit_scale=True, desc=f"export {split}",
+                      disable=None if show_progress is None else not show_progress) as bar:
+                for _, part in corpus.parts():
+                    for i in np.flatnonzero(part.doc_split == code):
+                        doc = part.document(int(i))
+                        builder.add_document(torch.from_numpy(doc), [len(doc)])
+                        bar.update(len(doc))
+            builder.finalize(str(temps[1]))
+
+        write_files_atomic([out + ".bin", out + ".idx"], write)
         written[split] = out
     return written

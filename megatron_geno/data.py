@@ -24,6 +24,7 @@ from data_pipeline.corpus import CorpusSplit
 from data_pipeline.corpus_manifest import read_manifest_json
 from data_pipeline.errors import PipelineError
 from megatron_geno.config import ConfigError, TrainConfig
+from megatron_geno.files import write_files_atomic
 from megatron_geno.vocab import COMPLEMENT, EOD
 
 log = logging.getLogger(__name__)
@@ -79,13 +80,15 @@ def synthetic_genome(length: int, seed: int, num_contigs: int = 100) -> list[np.
 def write_indexed_dataset(prefix: str | Path, documents: list[np.ndarray]) -> None:
     """Writes documents (EOD appended) as a Megatron .bin/.idx pair with megatron-core's builder."""
     prefix = str(prefix)
-    tmp = prefix + ".tmp"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=np.uint8)
-    for doc in documents:
-        builder.add_document(torch.from_numpy(np.append(doc, EOD).astype(np.uint8)), [len(doc) + 1])
-    builder.finalize(tmp + ".idx")
-    os.replace(tmp + ".bin", prefix + ".bin")
-    os.replace(tmp + ".idx", prefix + ".idx")
+
+    def write(temps: list[Path]) -> None:
+        builder = IndexedDatasetBuilder(str(temps[0]), dtype=np.uint8)
+        for doc in documents:
+            builder.add_document(torch.from_numpy(np.append(doc, EOD).astype(np.uint8)),
+                                 [len(doc) + 1])
+        builder.finalize(str(temps[1]))
+
+    write_files_atomic([prefix + ".bin", prefix + ".idx"], write)
 
 
 def synthetic_prefix(cfg: TrainConfig, cache_dir: Path) -> str:

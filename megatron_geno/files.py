@@ -45,6 +45,30 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
+def write_files_atomic(finals: list[str | Path], write) -> None:
+    """Publishes files a library writes by path (megatron-core's .bin/.idx builder): write(temps)
+    writes unique temporary files beside the finals; each is fsynced, then renamed in the order
+    given (the last one is the one readers look for). On failure the temporaries are removed."""
+    finals = [Path(f) for f in finals]
+    temps = []
+    try:
+        for final in finals:
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            temps.append(Path(tmp))
+        write(temps)
+        for tmp in temps:
+            fsync_path(tmp)
+        for tmp, final in zip(temps, finals):
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for parent in {final.parent for final in finals}:
+        fsync_path(parent)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """write_bytes_atomic for UTF-8 text."""
     write_bytes_atomic(path, text.encode())
