@@ -15,7 +15,7 @@ from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, SAFETENSORS_DTYPE
                                      current_hf_shapes, hf_names, hf_shapes, merge_qkv)
 from checkpoint_tools.mcore_checkpoint import ConversionError
 from checkpoint_tools.output_dir import check_out, write_into_new_dir
-from checkpoint_tools.torch_dist_writer import TorchDistWriter
+from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 from megatron_geno.checkpoint_trust import seal
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.presets import PRESETS
@@ -294,11 +294,70 @@ def tokenizer_spec(hf_dir: Path, vocab_size: int) -> str:
     return spec
 
 
+class _MetaView:
+    """A SafetensorsDir's tensors as meta tensors: the conversion's shapes and dtypes, no data."""
+
+    def __init__(self, st: SafetensorsDir) -> None:
+        self.st = st
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.st
+
+    def get(self, name: str) -> torch.Tensor:
+        return torch.empty(self.st.shape(name), dtype=self.st.dtype(name), device="meta")
+
+
+def import_chunks(st: SafetensorsDir, model: ModelConfig) -> list[Chunk]:
+    """The chunks of the imported checkpoint, as geno-train stores them (whole-model tensors;
+    one chunk per layer; one per layer and expert), each made from the HF tensors only when the
+    writer asks for it. The writer asks in this order, so the one layer read last is kept for
+    the next expert chunks."""
+    last: dict = {}
+
+    def layer_of(rule, layer: int) -> torch.Tensor:
+        if last.get("at") != (rule.mcore, layer):
+            last.clear()  # drop the previous layer before reading the next
+            last.update(at=(rule.mcore, layer), tensor=layer_tensor(rule, st, model, layer))
+        return last["tensor"]
+
+    meta, layers, chunks = _MetaView(st), model.num_layers, []
+    for rule in RULES:
+        if rule.per == "model":
+            name = hf_names(rule)[0]
+            shape = tuple(st.shape(name))
+            chunks.append(Chunk(rule.mcore, (0,) * len(shape), shape, shape, st.dtype(name),
+                                lambda name=name: st.get(name)))
+            continue
+        for layer in range(layers):
+            planned = layer_tensor(rule, meta, model, layer)
+            shape = (layers, *planned.shape)
+            if rule.per == "layer":
+                chunks.append(Chunk(rule.mcore, (layer,) + (0,) * planned.dim(), shape,
+                                    (1, *planned.shape), planned.dtype,
+                                    lambda rule=rule, layer=layer: layer_of(rule, layer)[None]))
+                continue
+            for expert in range(planned.shape[0]):  # one chunk per (layer, expert)
+                chunks.append(Chunk(
+                    rule.mcore, (layer, expert) + (0,) * (planned.dim() - 1), shape,
+                    (1, 1, *planned.shape[1:]), planned.dtype,
+                    lambda rule=rule, layer=layer, expert=expert:
+                        layer_of(rule, layer)[expert][None, None]))
+    return chunks
+
+
+def _counted(produce, bar):
+    def run():
+        tensor = produce()
+        bar.update(1)
+        return tensor
+    return run
+
+
 def hf_to_mcore(hf_dir: str | Path, out: str | Path, progress=None) -> Path:
     """Writes OUT/iter_0000000 (weights only) + OUT/latest + OUT/model.yaml; returns OUT.
 
     Checks config.json and every tensor's name, shape and dtype before writing anything; holds
-    one layer of one tensor at a time (TorchDistWriter); writes into a fresh temporary directory
+    one layer of one tensor at a time (import_chunks); writes into a fresh temporary directory
     and renames it to OUT when complete and sealed with checksums.
     """
     hf_dir, out = Path(hf_dir), Path(out)
@@ -313,27 +372,19 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, progress=None) -> Path:
 
     def write(tmp: Path) -> None:
         ckpt = tmp / "iter_0000000"
-        writer = TorchDistWriter(ckpt)
-        layers = model.num_layers
-        steps = [(rule, layer) for rule in RULES
-                 for layer in ([None] if rule.per == "model" else range(layers))]
-        for rule, layer in progress(steps, desc="tensors") if progress else steps:
-            if layer is None:
-                tensor = st.get(hf_names(rule)[0])
-                writer.add(rule.mcore, tensor, (0,) * tensor.dim(), tuple(tensor.shape))
-                continue
-            tensor = layer_tensor(rule, st, model, layer)  # one layer in memory at a time
-            shape = (layers, *tensor.shape)
-            if rule.per == "layer":
-                writer.add(rule.mcore, tensor[None], (layer,) + (0,) * tensor.dim(), shape)
-            else:  # one chunk per (layer, expert), as geno-train stores experts
-                for expert in range(tensor.shape[0]):
-                    writer.add(rule.mcore, tensor[expert][None, None],
-                               (layer, expert) + (0,) * (tensor.dim() - 1), shape)
+        chunks = import_chunks(st, model)
+        bar = progress(total=len(chunks), desc="chunks") if progress else None
+        if bar is not None:
+            chunks = [dataclasses.replace(c, produce=_counted(c.produce, bar)) for c in chunks]
         cfg = TrainConfig(model=model)
         cfg.data.tokenizer = tokenizer
-        writer.finish({"model_config": dataclasses.asdict(model), "weights_only": True,
-                       "imported_from": str(hf_dir.resolve())})
+        try:
+            write_torch_dist(ckpt, chunks, {"model_config": dataclasses.asdict(model),
+                                            "weights_only": True,
+                                            "imported_from": str(hf_dir.resolve())})
+        finally:
+            if bar is not None:
+                bar.close()
         seal(ckpt)
         (ckpt / "config.yaml").write_text(cfg.to_yaml())
         model_yaml = {"model": dataclasses.asdict(model), "data": {"tokenizer": tokenizer}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,7 +39,6 @@ class McoreCheckpoint:
     common: dict
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, torch.dtype]
-    _dcp_metadata: object = None
 
     @property
     def model(self) -> ModelConfig:
@@ -74,44 +72,20 @@ class McoreCheckpoint:
 
 
     def read_layer(self, key: str, layer: int) -> torch.Tensor:
-        """Loads ``key[layer]`` alone: only the stored chunks that overlap that layer are read.
-
-        A torch_dist checkpoint is a torch.distributed.checkpoint directory whose metadata
-        lists every stored chunk of a key with its file, byte range and offsets; megatron-core
-        stores stacked layers as separate chunks, so one layer costs one layer's memory.
-        Falls back to ``read(key)[layer]`` for a storage layout this reader does not know.
-        """
-        from torch.distributed.checkpoint.metadata import MetadataIndex
+        """Loads ``key[layer]`` alone: only the stored chunks that overlap that layer are read
+        (torch.distributed.checkpoint with a planner asking for that region; megatron-core stores
+        stacked layers as separate chunks, so one layer costs one layer's memory)."""
+        from checkpoint_tools.torch_dist_writer import read_layer
 
         if key not in self.shapes:
             raise ConversionError(f"{self.path}: tensor {key} is missing from the checkpoint")
-        if self._dcp_metadata is None:
-            self._dcp_metadata = trust.read_dcp_metadata(self.path)
-        metadata = self._dcp_metadata
-        chunks = metadata.state_dict_metadata[key].chunks
-        out = torch.empty(self.shapes[key][1:], dtype=self.dtypes[key])
-        filled = 0
-        for chunk in chunks:
-            first, count = chunk.offsets[0], chunk.sizes[0]
-            if not first <= layer < first + count:
-                continue
-            info = metadata.storage_data.get(MetadataIndex(key, chunk.offsets))
-            if info is None or getattr(info, "transform_descriptors", None):
-                return self.read(key)[layer]
-            with (self.path / info.relative_path).open("rb") as f:  # a checked plain name
-                f.seek(info.offset)
-                raw = f.read(info.length)
-            if len(raw) != info.length:
-                raise ConversionError(f"{self.path / info.relative_path}: tensor {key} is "
-                                      f"truncated")
-            data = trust.weights_only_load(io.BytesIO(raw), f"{self.path / info.relative_path}: "
-                                            f"tensor {key}")
-            region = tuple(slice(o, o + n) for o, n in zip(chunk.offsets[1:], chunk.sizes[1:]))
-            out[region] = data[layer - first]
-            filled += data[layer - first].numel()
-        if filled != out.numel():
-            raise ConversionError(f"{self.path}: stored chunks of {key} do not cover layer {layer}")
-        return out
+        try:
+            return read_layer(self.path, key, layer, self.shapes[key], self.dtypes[key])
+        except CheckpointError as err:
+            raise ConversionError(f"cannot read tensor {key}: {err}") from err
+        except (ValueError, RuntimeError, OSError) as err:  # DCP wraps reader errors
+            raise ConversionError(f"{self.path}: cannot read layer {layer} of {key} "
+                                  f"({str(err).strip().splitlines()[-1][:200]})") from None
 
 
 def open_checkpoint(path: str | Path, iteration: Optional[int] = None,

@@ -1,73 +1,174 @@
-"""Write a megatron-core torch_dist checkpoint one chunk at a time (bounded memory).
+"""A megatron-core torch_dist checkpoint, written and read a chunk at a time through
+torch.distributed.checkpoint's public API (bounded memory).
 
-megatron-core's ``dist_checkpointing.save`` takes the whole state dict in one call. This writer
-produces the same on-disk format -- a torch.distributed.checkpoint directory (``.metadata`` plus
-``__0_0.distcp`` with each chunk ``torch.save``d at a recorded byte range), megatron's
-``metadata.json`` and ``common.pt`` -- while holding a single chunk in memory. geno-train and
-``McoreCheckpoint`` load it like any other checkpoint.
+megatron-core's ``dist_checkpointing.save`` takes the whole state dict in one call. Here
+``torch.distributed.checkpoint.save`` runs with a planner whose write items are the chunks
+geno-train itself stores (one per layer, or per layer and expert) and whose ``resolve_data``
+produces each chunk only when the writer asks for it (one writer thread: in plan order, one chunk
+in memory). Beside the DCP directory (``.metadata``, ``__0_0.distcp``) go megatron-core's
+``metadata.json`` and ``common.pt``. ``read_layer`` loads one layer of a stored key with a load
+planner that asks only for the stored chunks overlapping it.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex,
+                                                   TensorProperties)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, ReadItem,
+                                                  SavePlan, SavePlanner, TensorWriteData,
+                                                  WriteItem, WriteItemType)
 
-DATA_FILE = "__0_0.distcp"
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
 
 
-class TorchDistWriter:
-    """Appends tensor chunks to a torch_dist checkpoint directory; ``finish`` writes metadata."""
+@dataclass
+class Chunk:
+    """One stored region of a key: where it sits in the global tensor, and how to make it."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-        self.data = (directory / DATA_FILE).open("wb")
-        self.tensors: dict[str, TensorStorageMetadata] = {}
-        self.storage: dict[MetadataIndex, _StorageInfo] = {}
+    key: str
+    offsets: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], torch.Tensor]
 
-    def add(self, key: str, chunk: torch.Tensor, offsets: tuple[int, ...],
-            global_shape: tuple[int, ...]) -> None:
-        """Stores ``chunk`` as the region of ``key`` starting at ``offsets``."""
-        if len(offsets) != chunk.dim() or len(global_shape) != chunk.dim():
-            raise ValueError(f"{key}: offsets {offsets} / shape {global_shape} vs chunk {tuple(chunk.shape)}")
-        meta = self.tensors.setdefault(key, TensorStorageMetadata(
-            properties=TensorProperties(dtype=chunk.dtype), size=torch.Size(global_shape), chunks=[]))
-        if meta.properties.dtype != chunk.dtype or tuple(meta.size) != tuple(global_shape):
-            raise ValueError(f"{key}: chunks disagree on dtype or global shape")
-        chunk = chunk.contiguous()
-        if chunk.untyped_storage().nbytes() != chunk.numel() * chunk.element_size():
-            chunk = chunk.clone()  # torch.save of a view would write its whole storage
-        buffer = io.BytesIO()
-        torch.save(chunk, buffer)
-        start = self.data.tell()
-        self.data.write(buffer.getbuffer())
-        meta.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=chunk.shape))
-        self.storage[MetadataIndex(key, torch.Size(offsets))] = _StorageInfo(
-            relative_path=DATA_FILE, offset=start, length=self.data.tell() - start)
 
-    def finish(self, common: dict) -> None:
-        """Writes .metadata, metadata.json and common.pt; checks every key is fully covered."""
-        self.data.close()
-        for key, meta in self.tensors.items():
-            covered = sum(int(c.sizes.numel()) for c in meta.chunks)
-            if covered != meta.size.numel():
-                raise ValueError(f"{key}: chunks cover {covered} of {meta.size.numel()} elements")
-        metadata = Metadata(state_dict_metadata=dict(self.tensors), storage_data=dict(self.storage))
-        with (self.directory / ".metadata").open("wb") as f:
-            pickle.dump(metadata, f)
-        torch.save(common, self.directory / "common.pt")
-        (self.directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+class _ChunkSavePlanner(SavePlanner):
+    def __init__(self, chunks: list[Chunk]) -> None:
+        self.chunks = {MetadataIndex(c.key, torch.Size(c.offsets)): c for c in chunks}
+
+    def set_up_planner(self, state_dict, storage_meta=None, is_coordinator=False) -> None:
+        pass
+
+    def create_local_plan(self) -> SavePlan:
+        return SavePlan([WriteItem(
+            index=index, type=WriteItemType.SHARD,
+            tensor_data=TensorWriteData(
+                chunk=ChunkStorageMetadata(offsets=torch.Size(c.offsets),
+                                           sizes=torch.Size(c.shape)),
+                properties=TensorProperties(dtype=c.dtype), size=torch.Size(c.global_shape)))
+            for index, c in self.chunks.items()])
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        return create_default_global_save_plan(all_plans, rewrite_index_hints=False)
+
+    def finish_plan(self, new_plan: SavePlan) -> SavePlan:
+        return new_plan
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor:
+        chunk = self.chunks[write_item.index]
+        tensor = chunk.produce()
+        if tuple(tensor.shape) != tuple(chunk.shape) or tensor.dtype != chunk.dtype:
+            raise ValueError(f"{chunk.key} at {chunk.offsets}: produced {tuple(tensor.shape)} "
+                             f"{tensor.dtype}, planned {chunk.shape} {chunk.dtype}")
+        return tensor.contiguous()
+
+
+class _Writer(dcp.FileSystemWriter):
+    """FileSystemWriter recording no storage identity in .metadata (its path object is not one of
+    the classes a checkpoint's metadata may hold; geno-train's own saves record none either)."""
+
+    def storage_meta(self):
+        return None
+
+
+def write_torch_dist(directory: Path, chunks: list[Chunk], common: dict) -> None:
+    """Writes a torch_dist checkpoint holding the chunks (each key fully covered) and common."""
+    covered: dict[str, int] = {}
+    for c in chunks:
+        if not (len(c.offsets) == len(c.shape) == len(c.global_shape)):
+            raise ValueError(f"{c.key}: offsets {c.offsets} / shape {c.global_shape} vs chunk "
+                             f"{c.shape}")
+        covered[c.key] = covered.get(c.key, 0) + int(torch.Size(c.shape).numel())
+    for c in chunks:
+        total = int(torch.Size(c.global_shape).numel())
+        if covered[c.key] != total:
+            raise ValueError(f"{c.key}: chunks cover {covered[c.key]} of {total} elements")
+    directory.mkdir(parents=True, exist_ok=True)
+    writer = _Writer(str(directory), single_file_per_rank=True, sync_files=True, thread_count=1)
+    try:
+        dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks), no_dist=True)
+    except CheckpointException as err:  # DCP wraps what a chunk's producer raised
+        raise _first_cause(err) from None
+    torch.save(common, directory / "common.pt")
+    (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
+
+
+class _LayerLoadPlanner(LoadPlanner):
+    """Reads key[layer] into `out`: one read item per stored chunk that overlaps the layer."""
+
+    def __init__(self, key: str, layer: int, out: torch.Tensor) -> None:
+        self.key, self.layer, self.out = key, layer, out[None]  # [1, ...] at (layer, 0, ...)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items, filled = [], 0
+        dest = MetadataIndex(self.key, torch.Size((self.layer,) + (0,) * (self.out.dim() - 1)))
+        for chunk in self.metadata.state_dict_metadata[self.key].chunks:
+            first, count = chunk.offsets[0], chunk.sizes[0]
+            if not first <= self.layer < first + count:
+                continue
+            lengths = torch.Size((1, *chunk.sizes[1:]))
+            items.append(ReadItem(
+                type=LoadItemType.TENSOR, dest_index=dest,
+                dest_offsets=torch.Size((0, *chunk.offsets[1:])),
+                storage_index=MetadataIndex(self.key, chunk.offsets),
+                storage_offsets=torch.Size((self.layer - first,) + (0,) * (len(lengths) - 1)),
+                lengths=lengths))
+            filled += lengths.numel()
+        if filled != self.out.numel():
+            raise ValueError(f"stored chunks of {self.key} do not cover layer {self.layer}")
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item: ReadItem, value) -> None:
+        raise ValueError(f"{self.key}: unexpected bytes item")
+
+    def resolve_tensor(self, read_item: ReadItem) -> torch.Tensor:
+        region = self.out
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            region = region.narrow(dim, start, length)
+        return region
+
+    def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
+        pass  # resolve_tensor handed out a view of `out`: the data is in place
+
+
+def read_layer(directory: Path, key: str, layer: int, global_shape: tuple[int, ...],
+               dtype: torch.dtype) -> torch.Tensor:
+    """key[layer] of a torch_dist checkpoint, reading only the stored chunks that overlap it."""
+    from megatron_geno.checkpoint_trust import TrustedReader  # .metadata: restricted unpickler
+
+    out = torch.empty(global_shape[1:], dtype=dtype)
+    try:
+        dcp.load({}, storage_reader=TrustedReader(str(directory)),
+                 planner=_LayerLoadPlanner(key, layer, out), no_dist=True)
+    except CheckpointException as err:
+        raise _first_cause(err) from None
+    return out
+
+
+def _first_cause(err: CheckpointException) -> BaseException:
+    """The exception a rank raised inside torch.distributed.checkpoint (DCP wraps it)."""
+    for failure in err.failures.values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, BaseException):
+            return cause
+    return err

@@ -23,7 +23,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import pickle
 import re
 import threading
@@ -148,7 +147,7 @@ if _missing:
                       f"strategies.torch has no {_missing[0]} (megatron-core 0.16.1 expected)")
 
 
-class _TrustedReader(FileSystemReader):
+class TrustedReader(FileSystemReader):
     """A FileSystemReader whose metadata comes from read_dcp_metadata (read once)."""
 
     def __init__(self, path, *args, **kwargs) -> None:
@@ -177,7 +176,7 @@ _swap_lock = threading.Lock()
 def _trusted_reads():
     with _swap_lock:
         saved = {name: getattr(_mcore_torch, name) for name in _MCORE_NAMES[:2]}
-        _mcore_torch._get_filesystem_reader = lambda path, cache_metadata=False: _TrustedReader(path)
+        _mcore_torch._get_filesystem_reader = lambda path, cache_metadata=False: TrustedReader(path)
         _mcore_torch.MCoreLoadPlanner = _TrustedPlanner
         try:
             yield

@@ -76,25 +76,35 @@ def test_hf_tokenizer_ids_equal_training_ids(tmp_path, policy):
 
 
 def test_torch_dist_writer_chunks_read_back(tmp_path):
-    """A key written chunk by chunk reads back whole (megatron-core) and by layer (chunk index)."""
+    """A key written chunk by chunk (torch.distributed.checkpoint.save, each chunk made when the
+    writer asks for it, in plan order) reads back whole (megatron-core) and by layer."""
     from checkpoint_tools.mcore_checkpoint import open_checkpoint
-    from checkpoint_tools.torch_dist_writer import TorchDistWriter
+    from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 
     full = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
-    writer = TorchDistWriter(tmp_path / "ck")
-    for layer in range(2):
-        for row in range(3):
-            writer.add("w", full[layer, row][None, None], (layer, row, 0), (2, 3, 4))
-    writer.finish({"model_config": {}})
+    made = []
+
+    def make(layer, row):
+        made.append((layer, row))
+        return full[layer, row][None, None]
+
+    chunks = [Chunk("w", (layer, row, 0), (2, 3, 4), (1, 1, 4), torch.float32,
+                    lambda layer=layer, row=row: make(layer, row))
+              for layer in range(2) for row in range(3)]
+    write_torch_dist(tmp_path / "ck", chunks, {"model_config": {}})
+    assert made == [(layer, row) for layer in range(2) for row in range(3)]
     ckpt = open_checkpoint(tmp_path / "ck")
     assert torch.equal(ckpt.read("w"), full)
     assert torch.equal(ckpt.read_layer("w", 1), full[1])
 
 
-def test_torch_dist_writer_refuses_uncovered_key(tmp_path):
-    from checkpoint_tools.torch_dist_writer import TorchDistWriter
+def test_torch_dist_writer_refuses_uncovered_key_and_wrong_chunks(tmp_path):
+    from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 
-    writer = TorchDistWriter(tmp_path / "ck")
-    writer.add("w", torch.ones(1, 3), (0, 0), (2, 3))
     with pytest.raises(ValueError, match="cover 3 of 6"):
-        writer.finish({})
+        write_torch_dist(tmp_path / "a", [Chunk("w", (0, 0), (2, 3), (1, 3), torch.float32,
+                                                lambda: torch.ones(1, 3))], {})
+    wrong = [Chunk("w", (r, 0), (2, 3), (1, 3), torch.float32, lambda: torch.ones(1, 2))
+             for r in range(2)]
+    with pytest.raises(ValueError, match="produced"):
+        write_torch_dist(tmp_path / "b", wrong, {})
