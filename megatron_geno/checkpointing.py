@@ -195,6 +195,45 @@ def _restore_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _saved_step(saved) -> float:
+    """The optimizer step recorded in a saved optimizer's param groups (any structure)."""
+    if isinstance(saved, dict):
+        for group in saved.get("param_groups", []) if isinstance(saved.get("param_groups"),
+                                                                     list) else []:
+            if isinstance(group, dict) and "step" in group:
+                return group["step"]
+        for value in saved.values():
+            step = _saved_step(value)
+            if step is not None:
+                return step
+    return None
+
+
+def remap_optimizer_state(loaded: dict, optimizer, saved_common: dict) -> dict:
+    """The loaded optimizer state rebuilt for this run's chain of optimizers, when the checkpoint
+    was saved with another number (one optimizer, or dense + experts at EP > 1).
+
+    dist_checkpointing merges the saved common part (param groups in the saved chain's shape)
+    with the tensors requested for this chain; each sub-optimizer's tensors (``param_state``,
+    stored under layout-free keys) are kept, and its param groups are its own, carrying the
+    saved step (the scheduler sets lr and weight decay at every step)."""
+    step = _saved_step(saved_common)
+    if step is None:
+        raise CheckpointError("the checkpoint's optimizer state records no step")
+    subs = getattr(optimizer, "chained_optimizers", [optimizer])
+    rebuilt = []
+    for i, sub in enumerate(subs):
+        own = sub.state_dict()
+        for group in own["optimizer"]["param_groups"]:
+            group["step"] = step
+        tensors = loaded[i] if len(subs) > 1 else loaded
+        own["param_state"] = tensors["param_state"]
+        own["param_state_sharding_type"] = tensors.get("param_state_sharding_type",
+                                                       "fully_reshardable")
+        rebuilt.append(own)
+    return {i: own for i, own in enumerate(rebuilt)} if len(subs) > 1 else rebuilt[0]
+
+
 def _num_optimizers(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -373,16 +412,13 @@ def load_checkpoint(
     weights_only = cfg.checkpoint.weights_only or common.get("weights_only", False)
     saved_layout = {"virtual_pipeline": 1, **common.get("layout", {})}  # older: no such key
     same_layout = saved_layout == _layout(cfg, optimizer)
-    # megatron-core 0.16.1 cannot map the optimizer's non-tensor state between one optimizer and
-    # a chain of two (dense + experts): across that change only Adam moments start fresh.
-    fresh_moments = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
+    # experts get an optimizer of their own when EP > 1: across that change the optimizer's
+    # non-tensor state (param groups, step) is rebuilt for the new chain (remap_optimizer_state);
+    # its tensors (fp32 weights, Adam moments) are stored under layout-free keys and load as is
+    regrouped = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
     model_sd = model_weights_request(_unwrap(model), common)
     sharded = {"model": model_sd}
-    if fresh_moments and not weights_only:
-        log.warning("%s was saved with %d optimizer(s), this layout has %d: loading weights, "
-                    "schedule and data position; Adam moments start fresh", ckpt,
-                    saved_layout.get("optimizers", 1), _num_optimizers(optimizer))
-    if not weights_only and not fresh_moments:
+    if not weights_only:
         compat.allocate_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
@@ -395,21 +431,22 @@ def load_checkpoint(
         log.info("%s", resume_report(ckpt, cfg, ["weights"], "fresh optimizer, schedule and data "
                                      "position"))
         return TrainState()
-    if not fresh_moments:
-        optimizer.load_state_dict(loaded["optimizer"])
-        compat.unshare_adam_steps(optimizer)
-        compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(cfg.optimizer.fused))
+    if regrouped:
+        loaded["optimizer"] = remap_optimizer_state(loaded["optimizer"], optimizer,
+                                                    common["optimizer"])
+    optimizer.load_state_dict(loaded["optimizer"])
+    compat.unshare_adam_steps(optimizer)
+    compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(cfg.optimizer.fused))
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])
     state = TrainState(**loaded["train_state"])
-    carried = ["weights", "Adam moments" if not fresh_moments else None,
+    carried = ["weights", "Adam moments" + (" (regrouped for this layout's optimizers)"
+                                            if regrouped else ""),
                f"schedule and data position (iteration {state.iteration}, "
                f"{state.consumed_samples:,d} samples)",
                "RNG state" if "rng_state" in loaded else None]
-    fresh = ", ".join(filter(None, ["fresh Adam moments" if fresh_moments else None,
-                                    "fresh RNG state (another layout)"
-                                    if "rng_state" not in loaded else None]))
+    fresh = "fresh RNG state (another layout)" if "rng_state" not in loaded else ""
     log.info("%s", resume_report(ckpt, cfg, [c for c in carried if c], fresh))
     return state
 

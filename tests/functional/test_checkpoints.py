@@ -1,6 +1,7 @@
 """Resume and reshard through torch_dist checkpoints written by geno-train."""
 
-from tests.functional.launcher import assert_close, geno_train, geno_train_error, losses
+from tests.functional.launcher import (assert_close, geno_train, geno_train_error,
+                                      geno_train_logged, losses)
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -64,18 +65,30 @@ def test_reshard_tp2_to_pp2_continues_as_the_run_that_never_resharded(tmp_path):
     assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_reshard_ep2_to_ep1(tmp_path):
-    """EP=2 -> EP=1: the next step's loss matches (Adam moments start fresh across this change:
-    megatron-core 0.16.1 cannot map one optimizer to a chain of two; issue 12, item 4)."""
-    base = ["schedule.train_iters=4"]
-    geno_train(tmp_path / "ep2", *base, "parallel.expert_parallel=2",
-               f"checkpoint.save={tmp_path / 'ck_ep2'}", nproc=2)
-    ep2_next = losses(geno_train(tmp_path / "ep2_more", "schedule.train_iters=5",
-                                 "parallel.expert_parallel=2",
-                                 f"checkpoint.load={tmp_path / 'ck_ep2'}", nproc=2))
-    ep1_next = losses(geno_train(tmp_path / "ep1", "schedule.train_iters=5",
-                                 f"checkpoint.load={tmp_path / 'ck_ep2'}"))
-    assert_close(ep1_next, ep2_next, rtol=1e-5)
+def test_reshard_across_expert_parallel_carries_the_optimizer(tmp_path):
+    """EP=2 -> EP=1 and EP=1 -> EP=2 (dense + expert optimizers <-> one optimizer): 3 more steps
+    give the losses, weights and Adam moments of the run that stayed at the saved layout."""
+    schedule = ["schedule.train_iters=7"]
+    for saved_at, moved_to in ((["parallel.expert_parallel=2"], []),
+                               ([], ["parallel.expert_parallel=2"])):
+        name = "ep2" if saved_at else "ep1"
+        nproc = {True: 2, False: 1}
+        ck = tmp_path / f"ck_{name}"
+        geno_train(tmp_path / name, *schedule, "schedule.stop_after=4", *saved_at,
+                   f"checkpoint.save={ck}", nproc=nproc[bool(saved_at)])
+        stayed = geno_train(tmp_path / f"{name}_stayed", *schedule, *saved_at,
+                            f"checkpoint.load={ck}", f"checkpoint.save={tmp_path / name}_s",
+                            nproc=nproc[bool(saved_at)])
+        moved, log = geno_train_logged(tmp_path / f"{name}_moved", *schedule, *moved_to,
+                                       f"checkpoint.load={ck}",
+                                       f"checkpoint.save={tmp_path / name}_m",
+                                       nproc=nproc[bool(moved_to)])
+        assert len(moved) == 3 and "Adam moments (regrouped for this layout's optimizers)" in log
+        assert_close(losses(moved), losses(stayed), rtol=1e-5)
+        worst = compare_checkpoints(tmp_path / f"{name}_m", tmp_path / f"{name}_s")
+        assert [k for k in worst if k.startswith("optimizer.state.exp_avg_sq.")
+                and "experts" in k], sorted(worst)
+        assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
 def test_bad_checkpoints_are_one_clear_error(tmp_path):
