@@ -125,141 +125,171 @@ def with_padded_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
 
 def train(cfg: TrainConfig) -> list[dict]:
     """Trains per cfg and returns the logged records (also written to RUN_DIR/metrics.jsonl)."""
-    cfg = resume_target(cfg)
-    distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
-    rank0 = distributed.rank() == 0
-    run_dir = Path(cfg.logging.run_dir)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
-    cfg = with_padded_vocab(cfg, tokenizer.vocab_size)
-    model = [wrap_ddp(chunk, cfg) for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
-    if rank0:  # fully resolved now (padded vocabulary included)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-        if not cfg.logging.quiet:
-            print(f"# resolved config\n{cfg.to_yaml()}", flush=True)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    config = model[0].config
-    config.grad_scale_func = optimizer.scale_loss
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model[0].no_sync if len(model) == 1 else [c.no_sync for c in model]
-    state = TrainState()
-    if cfg.checkpoint.load:
-        state = load_checkpoint(cfg, model, optimizer, scheduler)
-    if rank0:  # the start-up line: which spec, experts module, layout and precision ran
-        if cfg.logging.quiet:
-            log.info("%s", describe(cfg))
+    return TrainingRun(cfg).run()
+
+
+class TrainingRun:
+    """One geno-train run: set up (groups, model, optimizer, checkpoint, data), then steps, each
+    followed by its log line, evaluation and checkpoint when due."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg = resume_target(cfg)
+        distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
+        self.rank0 = distributed.rank() == 0
+        self.run_dir = Path(cfg.logging.run_dir)
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size)
+        self.model = [wrap_ddp(chunk, cfg)
+                      for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
+        if self.rank0:  # fully resolved now (padded vocabulary included)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.say(f"# resolved config\n{cfg.to_yaml()}", quiet_log=False)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self._connect_schedule_hooks()
+        self.state = (load_checkpoint(cfg, self.model, self.optimizer, self.scheduler)
+                      if cfg.checkpoint.load else TrainState())
+        if self.rank0:  # the start-up line: which spec, experts module, layout and precision ran
+            self.say(f"# {describe(cfg)}")
+        d = cfg.data
+        if d.reset_attention_mask and use_transformer_engine(cfg.model):
+            raise ConfigError("data.reset_attention_mask needs model.attention_backend=sdpa (the "
+                              "TE spec's fused attention takes no per-document mask)")
+        self.train_ds, self.valid_ds, _ = build_datasets(cfg, tokenizer, self.run_dir)
+        self.evaluator = training_eval(cfg, self.model)  # eval.corpora / eval.variants, read now
+        dp = parallel_state.get_data_parallel_world_size()
+        self.num_micro = d.global_batch_size // (d.micro_batch_size * dp)  # layout checked
+        self.train_iter = self.micro_batches(self.train_ds, self.state.consumed_samples)
+        self.forward_backward = get_forward_backward_func()
+        self.flops_token = flops_per_token(cfg.model, cfg.model.padded_vocab_size, d.seq_length)
+        self.peak = peak_flops()
+        self.world = torch.distributed.get_world_size()
+        self.expert_load = ExpertLoad(self.model)
+        self.writer = (MetricsWriter(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
+                                     cfg.logging.wandb_project, cfg.to_dict())
+                       if self.rank0 else None)
+        self.stop = StopSignal(cfg.checkpoint.save_on_signal)
+        self.records: list[dict] = []
+        self.saved: list[Path] = []
+
+    def _connect_schedule_hooks(self) -> None:
+        config = self.model[0].config
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = (self.model[0].no_sync if len(self.model) == 1
+                               else [c.no_sync for c in self.model])
+
+    def say(self, text: str, quiet_log: bool = True) -> None:
+        """Prints on rank 0; with logging.quiet, logs instead (or drops it: quiet_log=False)."""
+        if self.cfg.logging.quiet:
+            if quiet_log:
+                log.info("%s", text.replace("\n", "; "))
         else:
-            print(f"# {describe(cfg)}", flush=True)
+            print(text, flush=True)
 
-    d, s = cfg.data, cfg.schedule
-    if d.reset_attention_mask and use_transformer_engine(cfg.model):
-        raise ConfigError("data.reset_attention_mask needs model.attention_backend=sdpa (the TE "
-                          "spec's fused attention takes no per-document mask)")
-    train_ds, valid_ds, _ = build_datasets(cfg, tokenizer, run_dir)
-    evaluator = training_eval(cfg, model)  # eval.corpora / eval.variants, read once, now
-    dp = parallel_state.get_data_parallel_world_size()
-    num_micro = d.global_batch_size // (d.micro_batch_size * dp)  # divisible: layout checked
-
-    def iterators(dataset, consumed: int):
+    def micro_batches(self, dataset, consumed: int):
         """This rank's micro-batches from `consumed` on: one iterator, or one per model chunk
         (the interleaved schedule runs every micro-batch through every chunk, in its own order)."""
+        d = self.cfg.data
         its = [microbatches(dataset, consumed, d.micro_batch_size, d.global_batch_size)
-               for _ in model]
+               for _ in self.model]
         return its[0] if len(its) == 1 else its
 
-    train_iter = iterators(train_ds, state.consumed_samples)
-    forward_backward = get_forward_backward_func()
-    flops_token = flops_per_token(cfg.model, cfg.model.padded_vocab_size, d.seq_length)
-    peak = peak_flops()
-    expert_load = ExpertLoad(model)
-    writer = (MetricsWriter(run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
-                            cfg.logging.wandb_project, cfg.to_dict()) if rank0 else None)
-    stop = StopSignal(cfg.checkpoint.save_on_signal)
-    records: list[dict] = []
-    world = torch.distributed.get_world_size()
+    def _schedule(self, data_iterator, forward_only: bool = False):
+        d = self.cfg.data
+        return self.forward_backward(
+            forward_step_func=forward_step, data_iterator=data_iterator, model=self.model,
+            num_microbatches=self.num_micro, seq_length=d.seq_length,
+            micro_batch_size=d.micro_batch_size, forward_only=forward_only)
 
-    def run_eval() -> float:
-        for chunk in model:
+    def step(self):
+        """One optimizer step over a global batch; returns (outputs, grad norm, seconds)."""
+        start = time.perf_counter()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._schedule(self.train_iter)
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=self.cfg.data.global_batch_size)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.cfg.data.global_batch_size
+        return outputs, grad_norm, time.perf_counter() - start
+
+    def validation_loss(self) -> float:
+        iters = self.cfg.schedule.eval_iters
+        for chunk in self.model:
             chunk.eval()
-        it = iterators(valid_ds, 0)
+        it = self.micro_batches(self.valid_ds, 0)
         total = 0.0
         with torch.no_grad():
-            for _ in range(s.eval_iters):
-                out = forward_backward(forward_step_func=forward_step, data_iterator=it, model=model,
-                                       num_microbatches=num_micro, seq_length=d.seq_length,
-                                       micro_batch_size=d.micro_batch_size, forward_only=True)
-                total += reduce_loss(out)
-        for chunk in model:
+            for _ in range(iters):
+                total += reduce_loss(self._schedule(it, forward_only=True))
+        for chunk in self.model:
             chunk.train()
-        return total / max(s.eval_iters, 1)
+        return total / max(iters, 1)
 
-    saved: list[Path] = []
+    def record(self, outputs, grad_norm, elapsed: float, evaluate: bool) -> dict:
+        """The metrics of the step just taken (the loss leaves the device only here: two
+        all-reduces and a sync), with the validation loss and eval.* when evaluating."""
+        d = self.cfg.data
+        tokens_per_s = d.global_batch_size * d.seq_length / elapsed
+        per_gpu = tokens_per_s * self.flops_token / self.world
+        record = {
+            "step": self.state.iteration, "loss": reduce_loss(outputs),
+            "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens_per_s, "flops_per_token": self.flops_token,
+            "tflops_per_gpu": per_gpu / 1e12,
+            "mfu": per_gpu / self.peak if self.peak else None,
+            "consumed_samples": self.state.consumed_samples,
+            "expert_load": self.expert_load.fractions(),
+            # GPU only: the allocator's peak since start, to check the memory plan against
+            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
+                                if torch.cuda.is_available() else None),
+        }
+        if evaluate:
+            record["val_loss"] = self.validation_loss()
+            if self.evaluator is not None:
+                record.update(self.evaluator.run())
+        return record
 
-    def save() -> None:
-        if cfg.checkpoint.save:
-            path = save_checkpoint(cfg, model, optimizer, scheduler, state)
-            saved.append(path)
-            if rank0 and not cfg.logging.quiet:
+    def save(self) -> None:
+        if self.cfg.checkpoint.save:
+            path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
+                                   self.state)
+            self.saved.append(path)
+            if self.rank0 and not self.cfg.logging.quiet:
                 print(f"# saved checkpoint {path}", flush=True)
 
-    first_iteration, started = state.iteration, time.perf_counter()
-    while state.iteration < s.train_iters:
-        start = time.perf_counter()
-        for chunk in model:
-            chunk.zero_grad_buffer()
-        optimizer.zero_grad()
-        outputs = forward_backward(forward_step_func=forward_step, data_iterator=train_iter,
-                                   model=model, num_microbatches=num_micro,
-                                   seq_length=d.seq_length, micro_batch_size=d.micro_batch_size)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=d.global_batch_size)
-        state.iteration += 1
-        state.consumed_samples += d.global_batch_size
-        elapsed = time.perf_counter() - start
-        log_due = state.iteration % cfg.logging.log_interval == 0 or state.iteration == s.train_iters
-        eval_due = bool(s.eval_interval) and state.iteration % s.eval_interval == 0
-        if log_due or eval_due:  # the loss leaves the device only here (two all-reduces, a sync)
-            loss = reduce_loss(outputs)
-            tokens_per_s = d.global_batch_size * d.seq_length / elapsed
-            record = {
-                "step": state.iteration, "loss": loss, "lr": scheduler.get_lr(optimizer.param_groups[0]),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tokens_per_s, "flops_per_token": flops_token,
-                "tflops_per_gpu": tokens_per_s * flops_token / world / 1e12,
-                "mfu": tokens_per_s * flops_token / world / peak if peak else None,
-                "consumed_samples": state.consumed_samples,
-                "expert_load": expert_load.fractions(),
-                # GPU only: the allocator's peak since start, to check the memory plan against
-                "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                    if torch.cuda.is_available() else None),
-            }
-            if eval_due:
-                record["val_loss"] = run_eval()
-                if evaluator is not None:
-                    record.update(evaluator.run())
-            records.append(record)
-            if writer:
-                writer.write(record)
-                if not cfg.logging.quiet:
-                    print(format_record(record), flush=True)
-        interval = cfg.checkpoint.save_interval
-        if stop.any_rank() or (s.stop_after and state.iteration >= s.stop_after):
-            save()
-            break
-        if interval and state.iteration % interval == 0 and state.iteration < s.train_iters:
-            save()
-    else:
-        save()
-    if writer:
-        writer.close()
-    if rank0:
-        summary = run_summary(cfg, records, state.iteration - first_iteration,
-                              time.perf_counter() - started, saved[-1] if saved else None)
-        if cfg.logging.quiet:
-            log.info("%s", summary.replace("\n", "; "))
+    def run(self) -> list[dict]:
+        s, interval = self.cfg.schedule, self.cfg.checkpoint.save_interval
+        first_iteration, started = self.state.iteration, time.perf_counter()
+        while self.state.iteration < s.train_iters:
+            outputs, grad_norm, elapsed = self.step()
+            it = self.state.iteration
+            log_due = it % self.cfg.logging.log_interval == 0 or it == s.train_iters
+            eval_due = bool(s.eval_interval) and it % s.eval_interval == 0
+            if log_due or eval_due:
+                record = self.record(outputs, grad_norm, elapsed, eval_due)
+                self.records.append(record)
+                if self.writer:
+                    self.writer.write(record)
+                    if not self.cfg.logging.quiet:
+                        print(format_record(record), flush=True)
+            if self.stop.any_rank() or (s.stop_after and it >= s.stop_after):
+                self.save()
+                break
+            if interval and it % interval == 0 and it < s.train_iters:
+                self.save()
         else:
-            print(summary, flush=True)
-    return records
+            self.save()
+        if self.writer:
+            self.writer.close()
+        if self.rank0:
+            self.say(run_summary(self.cfg, self.records, self.state.iteration - first_iteration,
+                                 time.perf_counter() - started,
+                                 self.saved[-1] if self.saved else None))
+        return self.records
 
 
 def run_summary(cfg: TrainConfig, records: list[dict], steps: int, wall: float,
