@@ -109,6 +109,13 @@ def _check_outputs(args) -> None:
             raise EvalError(f"--{flag} {p} is a directory")
         if not p.parent.exists():
             raise EvalError(f"--{flag} {p}: directory {p.parent} does not exist")
+    for flag in ("vcf", "reference"):  # inputs first: no model is loaded for a missing file
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).is_file():
+            raise EvalError(f"--{flag} {path} does not exist")
+    for corpus in getattr(args, "corpus", None) or []:
+        if not (Path(corpus) / "manifest.json").is_file():
+            raise EvalError(f"--corpus {corpus}: no manifest.json (not a finished corpus)")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be positive, got {args.batch_size}")
     if args.tensor_parallel < 1 or args.pipeline_parallel < 1:
