@@ -95,10 +95,17 @@ def reduce_loss(outputs: list[dict]) -> float:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1 so the loop saves and exits at the next step boundary."""
+    """Records SIGTERM / SIGUSR1 so the loop saves and exits at the next step boundary.
+
+    Every rank learns whether any rank got one from a CPU tensor all-reduced over a gloo group
+    (on CPU runs, the default group is gloo already): reading it back costs no device
+    synchronisation, where a CUDA flag's `item` would wait for the step's kernels."""
 
     def __init__(self, enabled: bool) -> None:
         self.received = False
+        # every rank creates it, in the same order (TrainingRun's set-up)
+        self.group = torch.distributed.new_group(backend="gloo") \
+            if torch.distributed.get_backend() != "gloo" else None
         if enabled:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
@@ -108,8 +115,8 @@ class StopSignal:
         self.received = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=_device())
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
