@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
@@ -16,7 +15,8 @@ from checkpoint_tools.mcore_checkpoint import ConversionError, McoreCheckpoint, 
 from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from megatron_geno.config import ModelConfig
 from megatron_geno.units import parse_size
-from megatron_geno.tokenizer import BOS, EOD, PAD
+from megatron_geno.checkpointing import saved_tokenizer
+from megatron_geno.tokenizer import BOS, EOD, GENO_SPECS, PAD
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KNOWN_KEYS = {rule.mcore for rule in RULES}
@@ -155,11 +155,7 @@ def plan_tensors(ckpt: McoreCheckpoint, model: ModelConfig) -> list[tuple[str, t
 
 def tokenizer_policy(ckpt: McoreCheckpoint) -> str:
     """Returns the soft-mask policy of the geno tokenizer the checkpoint was trained with."""
-    config_file = ckpt.path / "config.yaml"
-    spec = "geno"
-    if config_file.exists():
-        spec = (yaml.safe_load(config_file.read_text()) or {}).get("data", {}).get("tokenizer", "geno")
-    return "keep" if spec == "geno:keep" else "upper"
+    return GENO_SPECS.get(saved_tokenizer(ckpt.path), "upper")
 
 
 def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",

@@ -465,6 +465,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def saved_tokenizer(ckpt: Path) -> str:
+    """data.tokenizer of the run that saved CKPT (an iter_N directory; its config.yaml), or
+    "geno" when it records none."""
+    import yaml
+
+    path = Path(ckpt) / "config.yaml"
+    if not path.exists():
+        return "geno"
+    return ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("tokenizer", "geno")
+
+
 def config_changes(ckpt: Path, cfg: TrainConfig) -> list[str]:
     """'key: saved -> now' for every config value that differs from the one the checkpoint was
     saved with (its config.yaml; empty when it has none)."""

@@ -118,10 +118,12 @@ class HFTokenizerAdapter(MegatronTokenizerBase):
         raise NotImplementedError("DNA tokenizers have no chat template")
 
 
+# data.tokenizer values naming the built-in tokenizer -> its soft-mask policy
+GENO_SPECS = {"geno": "upper", "geno:upper": "upper", "geno:keep": "keep"}
+
+
 def build_tokenizer(spec: str = "geno"):
     """Returns the built-in tokenizer for ``"geno"``, else the HuggingFace tokenizer at that path."""
-    if spec in ("geno", "geno:upper"):
-        return GenoTokenizer("upper")
-    if spec == "geno:keep":
-        return GenoTokenizer("keep")
+    if spec in GENO_SPECS:
+        return GenoTokenizer(GENO_SPECS[spec])
     return HFTokenizerAdapter(spec)

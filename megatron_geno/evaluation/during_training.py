@@ -18,6 +18,7 @@ import torch
 
 from megatron_geno.config import ConfigError, TrainConfig
 from megatron_geno.evaluation.models import EvalError, MegatronModel, soft_mask_of_spec
+from megatron_geno.tokenizer import GENO_SPECS
 
 
 class TrainingEval:
@@ -29,7 +30,7 @@ class TrainingEval:
         if cfg.parallel.context_parallel > 1:
             raise ConfigError("eval.corpora / eval.variants do not run with context parallelism "
                               f"(parallel.context_parallel={cfg.parallel.context_parallel})")
-        if e.variants and cfg.data.tokenizer not in ("geno", "geno:upper", "geno:keep"):
+        if e.variants and cfg.data.tokenizer not in GENO_SPECS:
             raise ConfigError(f"eval.variants encodes windows with the built-in tokenizer; "
                               f"data.tokenizer={cfg.data.tokenizer!r} is another")
         self.cfg = cfg

@@ -95,7 +95,6 @@ def embed(model, records: list[tuple[str, str]], layer: Optional[int] = None, le
     sums = np.zeros((len(records), model.hidden_size))
     counts = np.zeros(len(records), dtype=np.int64)
     last = np.zeros((len(records), model.hidden_size), dtype=np.float32)
-    last_window = {}
     outputs = {}
 
     def make(b: int) -> torch.Tensor:
@@ -109,14 +108,12 @@ def embed(model, records: list[tuple[str, str]], layer: Optional[int] = None, le
     for_each_batch(model, len(batches), make, use, progress,
                    compute=lambda tokens: model.hidden(tokens, layer))
     merged = model.gather(outputs)
-    for w in sorted(merged):
+    for w in sorted(merged):  # a record's windows are consecutive: its last one comes last
         r = windows[w][0]
         total, n, final = merged[w]
         sums[r] += total
         counts[r] += n
-        if w >= last_window.get(r, -1):
-            last_window[r] = w
-            last[r] = final
+        last[r] = final
     return (sums / counts[:, None]).astype(np.float32), last
 
 

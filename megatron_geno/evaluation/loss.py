@@ -73,16 +73,14 @@ def corpus_windows(corpora: list[str], split: str, length: int, sample: Optional
     return windows, assemblies, parts
 
 
-def _batch(windows: list[Window], parts, length: int, tokens: bool = True):
-    """(tokens [b, L+1] padded with PAD, scored [b, L]: which predictions count)."""
-    ids = torch.full((len(windows), length + 1), PAD, dtype=torch.long) if tokens else None
-    scored = torch.zeros((len(windows), length), dtype=torch.bool)
+def _batch(windows: list[Window], parts, length: int) -> torch.Tensor:
+    """Token ids [b, L+1], each window padded with PAD (window w scores its first w.length - 1
+    predictions; the padding is never scored)."""
+    ids = torch.full((len(windows), length + 1), PAD, dtype=torch.long)
     for row, w in enumerate(windows):
-        if tokens:
-            window = parts[w.part].tokens.read(w.start, w.start + w.length)
-            ids[row, :w.length] = torch.from_numpy(window.astype(np.int64))
-        scored[row, :w.length - 1] = True
-    return ids, scored
+        window = parts[w.part].tokens.read(w.start, w.start + w.length)
+        ids[row, :w.length] = torch.from_numpy(window.astype(np.int64))
+    return ids
 
 
 def evaluate_loss(model, corpora: list[str], split: str = "valid", length: int = 1024,
@@ -96,13 +94,11 @@ def evaluate_loss(model, corpora: list[str], split: str = "valid", length: int =
     sums = {}  # assembly -> (nats, tokens) over this data-parallel rank's batches
 
     def use(i: int, logprobs: torch.Tensor) -> None:
-        _, scored = _batch(groups[i], parts, length, tokens=False)
         for row, w in enumerate(groups[i]):
             n, t = sums.get(w.group, (0.0, 0))
-            sums[w.group] = (n - float(logprobs[row][scored[row]].sum()),
-                             t + int(scored[row].sum()))
+            sums[w.group] = (n - float(logprobs[row, :w.length - 1].sum()), t + w.length - 1)
 
-    for_each_batch(model, len(groups), lambda i: _batch(groups[i], parts, length)[0], use,
+    for_each_batch(model, len(groups), lambda i: _batch(groups[i], parts, length), use,
                    progress)
     nats = np.zeros(len(assemblies))
     tokens = np.zeros(len(assemblies), dtype=np.int64)

@@ -26,7 +26,10 @@ class EvalError(RuntimeError):
 
 
 def soft_mask_of_spec(spec: str) -> str:
-    return "keep" if spec == "geno:keep" else "upper"
+    """The built-in tokenizer's soft-mask policy for a data.tokenizer value (upper otherwise)."""
+    from megatron_geno.tokenizer import GENO_SPECS
+
+    return GENO_SPECS.get(spec, "upper")
 
 
 class MegatronModel:
@@ -50,11 +53,10 @@ class MegatronModel:
     def load(cls, checkpoint: str | Path, iteration: Optional[int] = None,
              tensor_parallel: int = 1, pipeline_parallel: int = 1,
              verify_checksums: bool = True) -> "MegatronModel":
-        import yaml
-
         from megatron_geno import distributed
         from megatron_geno.checkpointing import (CheckpointError, load_model_weights,
-                                                 open_for_loading, resolve_checkpoint_dir)
+                                                 open_for_loading, resolve_checkpoint_dir,
+                                                 saved_tokenizer)
         from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
         from megatron_geno.model import build_model_chunks
         from megatron_geno.tokenizer import VOCAB_SIZE
@@ -83,12 +85,8 @@ class MegatronModel:
             raise EvalError(str(err)) from None
         for chunk in chunks:
             chunk.eval()
-        config_file = ckpt.parent / "config.yaml"
-        spec = "geno"
-        if config_file.exists():
-            spec = ((yaml.safe_load(config_file.read_text()) or {}).get("data") or {}).get(
-                "tokenizer", "geno")
-        return cls(chunks, cfg, ckpt, soft_mask_of_spec(spec))
+        # the policy of the run that saved it (config.yaml inside the iteration directory)
+        return cls(chunks, cfg, ckpt, soft_mask_of_spec(saved_tokenizer(ckpt)))
 
     # ---- data parallelism: which batches this rank computes, and everyone gets all --------------
 

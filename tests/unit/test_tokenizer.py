@@ -61,3 +61,17 @@ def test_training_tokenizer_from_an_hf_directory_equals_the_builtin(tmp_path):
     assert adapter.eod == builtin.eod and adapter.vocab_size == builtin.vocab_size == 128
     assert adapter.detokenize(builtin.tokenize("ACGTacgt")) == "ACGTacgt"
     assert isinstance(build_tokenizer("geno"), GenoTokenizer)
+
+
+def test_a_checkpoints_tokenizer_and_soft_mask_policy(tmp_path):
+    """Read from the iteration directory's config.yaml (as geno-train and from-hf write it), the
+    one reader geno-convert to-hf and geno-eval share."""
+    from megatron_geno.checkpointing import saved_tokenizer
+    from megatron_geno.evaluation.models import soft_mask_of_spec
+
+    ckpt = tmp_path / "iter_0000004"
+    ckpt.mkdir()
+    assert saved_tokenizer(ckpt) == "geno" and soft_mask_of_spec("geno") == "upper"
+    (ckpt / "config.yaml").write_text("data:\n  tokenizer: geno:keep\n")
+    assert saved_tokenizer(ckpt) == "geno:keep" and soft_mask_of_spec("geno:keep") == "keep"
+    assert soft_mask_of_spec("/some/hf/tokenizer") == "upper"
