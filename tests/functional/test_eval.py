@@ -80,8 +80,7 @@ def env(tmp_path_factory):
                     records.append((name, pos0 + 1, seq[pos0], alt, label))
     vcf = root / "snvs.vcf"
     write_vcf(vcf, contigs, records)
-    # the layout comparison: every 6th (over 6,687 SNVs, one score moved by 0.09 at TP=2: see
-    # test_variant_scores_match_transformers_and_every_layout)
+    # the layout comparison: every 6th (see test_variant_scores_match_transformers_and_every_layout)
     parity = root / "parity.vcf"
     write_vcf(parity, contigs, records[::6])
     return {"root": root, "ckpt": root / "ckpt", "hf": root / "hf", "ref": ref,
@@ -186,7 +185,7 @@ def test_variant_scores_match_transformers_and_every_layout(env):
             assert (a["chrom"], a["pos"], a["alt"]) == (b["chrom"], b["pos"], b["alt"])
             diffs.append(abs(float(a["score"]) - float(b["score"])))
         # the same to 1e-4, but for a near-tie between two experts' router scores that the
-        # summation order tips over (measured: at most 1 of 608, by < 0.1)
+        # summation order tips over (rare: seen in development runs)
         assert np.median(diffs) < 1e-5 and max(diffs) < 0.1, (name, max(diffs))
         assert sum(d > 1e-4 for d in diffs) <= len(diffs) // 100, (name, sorted(diffs)[-10:])
     sample = hf[:: max(1, len(hf) // 20)]
