@@ -290,8 +290,10 @@ def test_embeddings_agree_across_forms_and_pool_as_stated(env, tmp_path):
     states = torch.cat(parts)
     np.testing.assert_allclose(hf[1, 0], states.mean(0).numpy(), atol=1e-5)
     np.testing.assert_allclose(hf[1, 1], states[-1].numpy(), atol=1e-5)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()}
     assert "exists" in error_line(geno_eval("embed", "--hf", env["hf"], "--fasta", fasta,
                                             "--out", tmp_path / "hf.npy", check=False))
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.is_file()} == before
 
 
 def test_during_training_equals_geno_eval_on_the_saved_checkpoint(env, tmp_path):
