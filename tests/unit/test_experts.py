@@ -14,16 +14,18 @@ from tests.unit.single_process import single_process_groups
 E, H, FFN = 4, 32, 48
 
 
-def _config():
+def _config(fused_activation: bool = False):
     return TransformerConfig(num_layers=1, hidden_size=H, num_attention_heads=4,
                              moe_ffn_hidden_size=FFN, ffn_hidden_size=FFN, num_moe_experts=E,
                              gated_linear_unit=True, activation_func=F.silu,
-                             add_bias_linear=False, use_cpu_initialization=True)
+                             add_bias_linear=False, use_cpu_initialization=True,
+                             bias_activation_fusion=fused_activation)
 
 
 @pytest.fixture(scope="module")
 def pair():
-    """A SequentialMLP and a GroupedExperts holding the same weights (fp32)."""
+    """A SequentialMLP and two GroupedExperts holding the same weights (fp32): one with the eager
+    SwiGLU, one with megatron-core's compiled weighted SwiGLU (model.fusions)."""
     with single_process_groups(ParallelConfig()):
         from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -34,17 +36,21 @@ def pair():
         pg = get_default_pg_collection()
         sequential = SequentialMLP(E, config, mlp_submodules, pg_collection=pg)
         grouped = GroupedExperts(E, config, pg_collection=pg)
+        fused = GroupedExperts(E, _config(fused_activation=True), pg_collection=pg)
         with torch.no_grad():
             for e, expert in enumerate(sequential.local_experts):
-                grouped.weight1[e].copy_(expert.linear_fc1.weight)
-                grouped.weight2[e].copy_(expert.linear_fc2.weight)
-        yield sequential, grouped
+                for module in (grouped, fused):
+                    module.weight1[e].copy_(expert.linear_fc1.weight)
+                    module.weight2[e].copy_(expert.linear_fc2.weight)
+        yield sequential, grouped, fused
 
 
 @pytest.mark.parametrize("counts", [[5, 3, 7, 1], [0, 9, 0, 4], [16, 0, 0, 0], [0, 0, 0, 0],
                                     [33, 2, 17, 64]])
-def test_grouped_equals_sequential_outputs_and_every_gradient(pair, counts):
-    sequential, grouped = pair
+@pytest.mark.parametrize("activation", ["eager", "fused"])
+def test_grouped_equals_sequential_outputs_and_every_gradient(pair, counts, activation):
+    sequential, grouped, fused = pair
+    grouped = fused if activation == "fused" else grouped
     torch.manual_seed(sum(counts))
     tokens = sum(counts)
     x = torch.randn(tokens, H)
@@ -99,7 +105,7 @@ def test_sharded_keys_and_shapes_equal_sequential(pair):
     """Same checkpoint keys and global shapes as SequentialMLP: checkpoints interchange."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
 
-    sequential, grouped = pair
+    sequential, grouped, _ = pair
     offsets = ((0, 1, 3),)  # layer 1 of 3
 
     def describe(module):
