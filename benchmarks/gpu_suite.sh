@@ -4,7 +4,8 @@
 # Installs this project and its dependencies from WHEELS (benchmarks/make_wheelhouse.sh) into
 # OUT/site with --no-index, then runs tests/gpu, the throughput rows of the GPU-throughput goals
 # (and the old path beside the new for genos-1.2b at 8K: SequentialMLP, eager elementwise work,
-# torch's default AdamW), a profiler top-20 table and peak
+# torch's default AdamW; and the recipe's micro batch, or the largest the memory plan fits on
+# this GPU), a profiler top-20 table and peak
 # memory beside the memory plan's estimate, and prints one dated markdown block for
 # docs/benchmarks.md (also written to OUT/block.md). With Transformer Engine importable it also
 # runs the TE spec for genos-1.2b at 8K; every row names the spec and experts module it used.
@@ -36,6 +37,7 @@ PYEOF
 "$PY" -m pip install -q --no-index --no-deps --target "$OUT/site" "${WHLS[@]}" >> "$LOG" 2>&1
 export PYTHONPATH="$PWD:$OUT/site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONWARNINGS=ignore
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}  # as launched
 
 OLD=(--set model.moe_grouped_gemm=off --set model.fusions=off --set optimizer.fused=off)
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -45,7 +47,20 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
     "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" >> "$LOG" 2>&1
     B12=(--preset genos-1.2b --layers 12 --seq 8192 --mbs 1 --gbs 4 --steps 6)
+    # the recipe's micro batch (sized at DP 8 for 80 GiB), or the largest the memory plan fits
+    # on this one GPU at DP 1 (unsharded optimizer), whichever is smaller
+    MBS=$("$PY" - <<'PYEOF' 2>>"$LOG"
+import torch
+from launch.plan import largest_micro_batch
+from launch.recipe import load_recipe
+recipe, _, _ = load_recipe("genos-1.2b-8k", [])
+cfg, _, _ = load_recipe("genos-1.2b-8k", ["data.global_batch_size=64"])
+gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+print(min(recipe.data.micro_batch_size, largest_micro_batch(cfg, 1, False, gib) or 1))
+PYEOF
+) || MBS=1  # the plan failed (see suite.log): micro batch 1
     ROWS=("genos-1.2b 8K|${B12[*]}"
+          "genos-1.2b 8K, micro batch $MBS|--preset genos-1.2b --layers 12 --seq 8192 --mbs $MBS --gbs $((2 * MBS)) --steps 6"
           "genos-1.2b 8K, old path|${B12[*]} ${OLD[*]}"
           "genos-10b shapes 4 layers 8K|--preset genos-10b --layers 4 --seq 8192 --mbs 1 --gbs 4 --steps 6"
           "genos-1.2b 32K|--preset genos-1.2b --layers 12 --seq 32768 --mbs 1 --gbs 2 --steps 5")

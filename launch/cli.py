@@ -11,6 +11,7 @@ exactly as the real run would execute it, then stops.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import subprocess
@@ -46,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     mode.add_argument("--torchrun", action="store_true", help="run on this node (default)")
     mode.add_argument("--slurm", action="store_true", help="submit launch/slurm/geno.sbatch")
     parser.add_argument("--dry-run", action="store_true", help="validate, print, do not start")
+    parser.add_argument("--gpu-memory", type=float, metavar="GIB",
+                        help="GPU memory the plan is checked against, in GiB (default 80: H100 / "
+                        "A100 80GB; 141: H200); the plan names the largest micro batch that fits")
     parser.add_argument("--time", help="SLURM time limit (sbatch --time)")
     parser.add_argument("--partition", help="SLURM partition")
     parser.add_argument("--account", help="SLURM account")
@@ -95,7 +99,7 @@ def main(argv=None) -> int:
     from megatron_geno.quiet import quiet_known_warnings
 
     quiet_known_warnings(args.verbose)
-    from launch.plan import LayoutError, format_plan, plan
+    from launch.plan import GPU_MEMORY_GIB, LayoutError, format_plan, plan
     from launch.recipe import RECIPE_DIR, load_recipe
     from megatron_geno.config import ConfigError
 
@@ -108,6 +112,9 @@ def main(argv=None) -> int:
             raise ConfigError("--recipe is required (see --list)")
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes and --gpus-per-node must be >= 1")
+        gpu_gib = GPU_MEMORY_GIB if args.gpu_memory is None else args.gpu_memory
+        if not (math.isfinite(gpu_gib) and gpu_gib > 0):
+            raise ConfigError(f"--gpu-memory must be > 0 GiB, got {gpu_gib:g}")
         if args.nodes > 1 and args.torchrun:
             raise ConfigError(f"--nodes {args.nodes} needs SLURM (torchrun.sh runs one node); "
                               f"drop --torchrun")
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
         # Transformer Engine where the job runs: the project's image has it; otherwise the job
         # runs this environment, so what imports here is what it gets
         result = plan(cfg, world, bool(args.container) or have_transformer_engine(),
-                      launch.token_budget)
+                      launch.token_budget, gpu_gib)
     except (ConfigError, LayoutError) as err:
         print(f"geno-launch: error: {err}", file=sys.stderr)
         return 2

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from megatron_geno.config import TrainConfig
+from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.layout import LayoutError, validate_layout  # noqa: F401 - launch's API
 from megatron_geno.presets import count_parameters, resolve_padded_vocab
 from megatron_geno.vocab import VOCAB_SIZE
 
 GIB = 1 << 30
+GPU_MEMORY_GIB = 80.0  # the recipes are sized for an 80 GB GPU (H100 / A100: 79.6-80 GiB)
+# not in the plan: the CUDA context, NCCL and cuBLAS workspaces, the caching allocator's
+# fragmentation (MoE's token counts change every step); the plan's total stays under the rest
+HEADROOM = 0.15
+RECIPE_DATA_PARALLEL = 8  # the recipes' micro-batch is sized at DP 8 (more DP needs less memory)
 
 
 @dataclass
@@ -22,6 +28,61 @@ class Plan:
     tokens_per_step: int
     steps: int | None  # for the token budget
     memory: dict[str, float]  # bytes per GPU (estimate), by part
+    gpu_gib: float  # the GPU's memory the plan is checked against
+    largest_micro_batch: int | None  # the largest that fits it (global batch unchanged)
+
+
+def layer_activations(m: ModelConfig, seq: float, batch: int,
+                      recomputed: bool = False) -> dict[str, float]:
+    """Bytes one transformer layer keeps for its backward pass, by part, for a micro-batch of
+    ``batch`` sequences of which this GPU holds ``seq`` positions (bf16, flash attention). RoPE's
+    tensors are per position, the rest per token. ``recomputed``: a layer of model.recompute=full, which keeps
+    only its input; model.recompute=selective drops the recomputed modules' part.
+
+    Each term is a tensor megatron-core's layer (local spec, SDPA, grouped or sequential experts)
+    saves for backward, per token; tests/unit/test_memory_plan.py measures those tensors on CPU
+    (autograd's saved-tensor hooks) and holds this to within 1%. With ``model.fusions`` on (the
+    GPU default) RMSNorm keeps its bf16 input and SwiGLU recomputes from the fc1 output; eager
+    (fusions off) RMSNorm also keeps an fp32 copy and the SwiGLU keeps its gate, up and product.
+    """
+    e, h, d = 2, m.hidden_size, m.head_dim()
+    heads, groups, ffn, k, experts = (m.num_attention_heads, m.num_query_groups,
+                                      m.moe_ffn_hidden_size, m.moe_router_topk, m.num_experts)
+    tokens = seq * batch
+    if recomputed:
+        return {"layer input": e * h * tokens}
+    fused = m.fusions != "off"  # auto: on wherever CUDA runs the job
+    norm = e * h + 4 if fused else 4 * h + e * h + 4  # input (+ its fp32 copy), 1/rms
+    if fused:
+        expert_token = e * h + 3 * e * ffn + 4  # input, fc1 output, fc2 input, probability
+    else:
+        expert_token = e * h + (5 if m.moe_grouped_gemm != "off" else 6) * e * ffn + 4
+    parts = {
+        "norms": 2 * norm,
+        # the QKV projection's input; q and k after RoPE; the QKV output (v is a view of it);
+        # the attention output; the log-sum-exp
+        "attention": (e * h + e * heads * d + e * groups * d + e * (heads + 2 * groups) * d
+                      + e * heads * d + 4 * heads),
+        "router": e * h + 8 * experts + 20 * k + 4,  # input, logits, scores, top-k
+        "experts": k * expert_token + 8 * k + 5 * experts,  # and the dispatcher's maps
+    }
+    if m.recompute == "selective":
+        if "moe" in m.recompute_modules:  # router and experts rebuilt from the layer's input
+            parts["router"], parts["experts"] = e * h, 0.0
+        if "core_attn" in m.recompute_modules:  # q, k, v stay as its recompute's inputs
+            parts["attention"] -= 4 * heads
+    result = {part: per_token * tokens for part, per_token in parts.items()}
+    if not fused:  # eager RoPE's cos and sin for q and k, per position
+        result["attention"] += 4 * e * d * seq
+    return result
+
+
+def outside_layers_activations(m: ModelConfig, seq: float, batch: int, vocab: int) -> float:
+    """Bytes kept for backward outside the layers (as ``layer_activations``): final norm, output
+    layer input, fp32 logits for the loss, token ids; fused, RoPE's fp32 angles (per position)."""
+    e, h, fused = 2, m.hidden_size, m.fusions != "off"
+    norm = e * h + 4 if fused else 4 * h + e * h + 4
+    return (norm + e * h + 4 * vocab + 17) * seq * batch + (4 * m.head_dim() * seq if fused else 0)
 
 
 def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
@@ -29,12 +90,15 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
 
     Parameters bf16 (2 B), gradients fp32 (4 B, megatron-core DDP buffers), optimizer fp32 master
     + Adam moments (12 B) divided over DP (distributed optimizer; expert parameters over the
-    expert-DP group). Activations per layer, bf16 with flash attention (no s^2 term), without
-    recomputation: attention and norms ~15 x s x b x h, experts 2 x top-k x (h + 3 x ffn) x s x b,
-    divided by TP x CP; the first stage holds PP micro-batches in flight under 1F1B, and
+    expert-DP group). Activations: ``layer_activations`` per layer for this GPU's s x b / (TP x
+    CP) tokens; the first stage holds PP micro-batches in flight under 1F1B, and
     1 + (PP - 1) / (PP x V) times that with V virtual stages (interleaved 1F1B). model.recompute:
-    full keeps only each recomputed layer's input (2 x s x b x h) plus one layer being rebuilt;
-    selective with moe drops the experts' share.
+    full keeps only each recomputed layer's input plus one layer being rebuilt; selective drops
+    the recomputed modules' share. Backward working memory: the largest
+    transient of one layer's backward, the gradient of the experts' fc1 output and the bf16
+    weight gradient of one layer's fc1 experts (measured on CPU with torch's memory profiler:
+    benchmarks/memory_plan.py). Not included: the CUDA context, NCCL and cuBLAS workspaces and
+    the caching allocator's fragmentation; ``fits`` leaves room for them.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
@@ -50,34 +114,62 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     params = dense_here + experts_here
     optimizer_shards = dense_here / (dp if p.distributed_optimizer else 1) + experts_here / (
         expert_dp if p.distributed_optimizer else 1)
-    s, b, h = d.seq_length, d.micro_batch_size, m.hidden_size
-    experts_part = 2 * m.moe_router_topk * (h + 3 * m.moe_ffn_hidden_size) * s * b
-    per_layer = 15 * s * b * h + experts_part
+    seq, batch = d.seq_length / (tp * cp), d.micro_batch_size  # this GPU's share
+    tokens = seq * batch
+    per_layer = sum(layer_activations(m, seq, batch).values())
     layers_here = m.num_layers / pp
     in_flight = min(pp, max(1, d.global_batch_size // (d.micro_batch_size * dp)))
     if p.virtual_pipeline > 1:
         in_flight *= 1 + (pp - 1) / (pp * p.virtual_pipeline)
-    if m.recompute == "full":  # a recomputed layer keeps its input (bf16); one layer is rebuilt
+    if m.recompute == "full":  # a recomputed layer keeps its input; one layer is rebuilt
         recomputed = min(m.recompute_layers or layers_here, layers_here)
-        stored = recomputed * 2 * s * b * h + (layers_here - recomputed) * per_layer
-        activations = (stored * in_flight + per_layer) / (tp * cp)
+        stored = (recomputed * sum(layer_activations(m, seq, batch, recomputed=True).values())
+                  + (layers_here - recomputed) * per_layer)
+        activations = stored * in_flight + per_layer
     else:
-        if m.recompute == "selective" and "moe" in m.recompute_modules:
-            per_layer -= experts_part  # rebuilt from the layer's saved MoE input
-        activations = per_layer / (tp * cp) * layers_here * in_flight
-    logits = 4 * s * b * vocab / (tp * cp) if pp == 1 else 0.0  # fp32 logits for the loss
+        activations = per_layer * layers_here * in_flight
+    if pp == 1:
+        activations += outside_layers_activations(m, seq, batch, vocab)
+    fc1_out = 2 * m.moe_ffn_hidden_size
+    working = (2 * m.moe_router_topk * fc1_out / etp * tokens
+               + 2 * m.num_experts / ep * fc1_out / etp * m.hidden_size)
     return {"parameters (bf16)": 2 * params, "gradients (fp32)": 4 * params,
             "optimizer (fp32 master + Adam, sharded)": 12 * optimizer_shards,
-            "activations (estimate)": activations + logits}
+            "activations (estimate)": activations,
+            "backward working memory (estimate)": working}
 
 
-def plan(cfg: TrainConfig, world_size: int, have_te: bool, token_budget: float | None) -> Plan:
+def fits(memory: dict[str, float], gpu_gib: float) -> bool:
+    """True when the plan's total leaves HEADROOM of a GPU with gpu_gib GiB free."""
+    return sum(memory.values()) <= gpu_gib * GIB * (1 - HEADROOM)
+
+
+def largest_micro_batch(cfg: TrainConfig, world_size: int, have_te: bool,
+                        gpu_gib: float = GPU_MEMORY_GIB) -> int | None:
+    """The largest power-of-two micro batch whose plan fits a GPU of gpu_gib GiB at this layout
+    and world size, the global batch unchanged; None when even 1 does not fit."""
+    best, mbs = None, 1
+    while mbs <= cfg.data.global_batch_size:
+        trial = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=mbs))
+        try:
+            dp, expert_dp = validate_layout(trial, world_size, have_te)
+        except LayoutError:  # the global batch no longer divides by micro batch x DP
+            break
+        if not fits(memory_per_gpu(trial, dp, expert_dp), gpu_gib):
+            break
+        best, mbs = mbs, mbs * 2
+    return best
+
+
+def plan(cfg: TrainConfig, world_size: int, have_te: bool, token_budget: float | None,
+         gpu_gib: float = GPU_MEMORY_GIB) -> Plan:
     dp, expert_dp = validate_layout(cfg, world_size, have_te)
     d = cfg.data
     tokens = d.global_batch_size * d.seq_length
     steps = math.ceil(token_budget / tokens) if token_budget else None
     return Plan(world_size, dp, expert_dp, d.global_batch_size // (d.micro_batch_size * dp),
-                tokens, steps, memory_per_gpu(cfg, dp, expert_dp))
+                tokens, steps, memory_per_gpu(cfg, dp, expert_dp), gpu_gib,
+                largest_micro_batch(cfg, world_size, have_te, gpu_gib))
 
 
 def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> str:
@@ -101,4 +193,13 @@ def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> s
     unit, scale = ("GiB", GIB) if total >= GIB / 10 else ("MiB", 1 << 20)
     lines.append(f"memory     ~{total / scale:.1f} {unit} per GPU (first pipeline stage, estimate):")
     lines += [f"             {v / scale:8.2f} {unit}  {k}" for k, v in result.memory.items()]
+    room = (f"{result.gpu_gib * (1 - HEADROOM):.1f} GiB ({result.gpu_gib:g} GiB per GPU less "
+            f"{HEADROOM:.0%} headroom)")
+    best = result.largest_micro_batch
+    largest = (f"the largest micro batch that fits is {best}" if best else
+               "no micro batch fits: more model or context parallelism, or model.recompute")
+    if fits(result.memory, result.gpu_gib):
+        lines.append(f"fits       in {room}; {largest}")
+    else:
+        lines.append(f"warning    the estimate exceeds {room}; {largest}")
     return "\n".join(lines)

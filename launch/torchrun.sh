@@ -13,6 +13,9 @@ if [[ -z "${GPUS_PER_NODE:-}" ]]; then
 fi
 MASTER_PORT=${MASTER_PORT:-$($PY -c 'from megatron_geno.distributed import free_port; print(free_port())')}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # TP/SP comm-compute overlap order
+# MoE token counts change every step: expandable segments keep the caching allocator from
+# fragmenting, which the memory plan's 15% headroom counts on
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 exec $PY -m torch.distributed.run --nnodes 1 --nproc-per-node "$GPUS_PER_NODE" \
     --master-addr 127.0.0.1 --master-port "$MASTER_PORT" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout 600 \

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 
 from launch.cli import main
-from launch.plan import LayoutError, memory_per_gpu, plan, validate_layout
+from launch.plan import (GPU_MEMORY_GIB, RECIPE_DATA_PARALLEL, LayoutError, fits,
+                         largest_micro_batch, memory_per_gpu, plan, validate_layout)
 from launch.recipe import RECIPE_DIR, load_recipe
 from megatron_geno.config import load_config
 
@@ -73,7 +74,7 @@ def test_published_layouts_pass_with_the_derived_numbers(recipe):
     p = c.parallel
     assert result.data_parallel * p.tensor_parallel * p.pipeline_parallel * p.context_parallel \
         == nodes * 8
-    assert result.microbatches * result.data_parallel == 1024  # micro batch 1
+    assert result.microbatches * result.data_parallel * c.data.micro_batch_size == 1024
     assert result.tokens_per_step == 1024 * c.data.seq_length
     assert c.schedule.train_iters == result.steps
     assert 0.05 * result.steps - 1 <= c.schedule.warmup_iters <= 0.1 * result.steps + 1
@@ -86,6 +87,37 @@ def test_published_layouts_pass_with_the_derived_numbers(recipe):
     else:
         assert (p.tensor_parallel, p.pipeline_parallel, p.expert_parallel) == (1, 1, 1)
         assert p.sequence_parallel and p.distributed_optimizer
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def test_recipe_micro_batch_is_the_largest_the_plan_fits(recipe):
+    """Sized at DP 8 for an 80 GiB GPU (the plan's activations are held to the model's saved
+    tensors by test_memory_plan); twice it would not fit."""
+    c, _, _ = load_recipe(recipe, [])
+    p = c.parallel
+    world = RECIPE_DATA_PARALLEL * p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    assert largest_micro_batch(c, world, have_te=True) == c.data.micro_batch_size
+    result = plan(c, world, have_te=True, token_budget=None)
+    assert fits(result.memory, GPU_MEMORY_GIB) and result.largest_micro_batch == \
+        c.data.micro_batch_size
+
+
+def test_cli_names_the_largest_micro_batch_and_warns_when_the_plan_exceeds_the_gpu(
+        capsys, tmp_path):
+    run_dir = f"logging.run_dir={tmp_path / 'run'}"
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "1", "--dry-run", run_dir]) == 0
+    assert "fits       in 68.0 GiB (80 GiB per GPU less 15% headroom); the largest micro batch " \
+        "that fits is 8" in capsys.readouterr().out
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "1", "--dry-run", "--gpu-memory", "40",
+                 run_dir]) == 0
+    assert "warning    the estimate exceeds 34.0 GiB (40 GiB per GPU less 15% headroom); the " \
+        "largest micro batch that fits is 2" in capsys.readouterr().out
+    assert main(["--recipe", "genos-10b-1m", "--nodes", "256", "--dry-run", "--gpu-memory", "8",
+                 "--container", "img", run_dir]) == 0
+    assert "no micro batch fits" in capsys.readouterr().out
+    for bad in ("0", "-80", "nan", "inf"):
+        assert main(["--recipe", "genos-1.2b-8k", "--dry-run", "--gpu-memory", bad, run_dir]) == 2
+        assert "--gpu-memory must be > 0 GiB" in capsys.readouterr().err
 
 
 def test_context_parallel_grows_and_later_phases_mix_one_to_one():
