@@ -19,6 +19,7 @@ from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 from megatron_geno.checkpoint_trust import seal
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.presets import PRESETS
+from megatron_geno.tokenizer import read_hf_soft_mask
 
 
 # config.json keys a Mixtral config must carry, with their checks (value -> ok)
@@ -266,14 +267,12 @@ def tokenizer_spec(hf_dir: Path, vocab_size: int) -> str:
     """
     from megatron_geno.tokenizer import VOCAB_SIZE
 
-    config_path, tokenizer_path = hf_dir / "tokenizer_config.json", hf_dir / "tokenizer.json"
-    policy = None
-    if config_path.exists():
-        try:
-            policy = json.loads(config_path.read_text()).get("geno_soft_mask")
-        except (OSError, ValueError, AttributeError, UnicodeDecodeError) as err:
-            raise ConversionError(f"{config_path} is not a JSON object ({err})") from None
-    if policy in ("upper", "keep"):
+    tokenizer_path = hf_dir / "tokenizer.json"
+    try:
+        policy = read_hf_soft_mask(hf_dir)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    if policy is not None:
         spec, needed = ("geno" if policy == "upper" else "geno:keep"), VOCAB_SIZE
     elif tokenizer_path.exists():
         spec = str(hf_dir.resolve())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron_geno.tokenizer import HF_SOFT_MASK_KEY
 from megatron_geno.vocab import IUPAC_AMBIGUOUS, NUCLEOTIDES, SOFT_MASK_POLICIES, VOCAB
 
 SPECIAL = {"pad_token": "<pad>", "eos_token": "<eod>", "bos_token": "<bos>",
@@ -35,6 +36,7 @@ def write_hf_tokenizer(out: Path, soft_mask: str = "upper") -> None:
     """Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json into out."""
     build_hf_tokenizer(soft_mask).save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_048_576,
-              "clean_up_tokenization_spaces": False, "geno_soft_mask": soft_mask, **SPECIAL}
+              "clean_up_tokenization_spaces": False, HF_SOFT_MASK_KEY: soft_mask, **SPECIAL}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL, indent=2) + "\n")
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
@@ -127,3 +129,28 @@ def build_tokenizer(spec: str = "geno"):
     if spec in GENO_SPECS:
         return GenoTokenizer(GENO_SPECS[spec])
     return HFTokenizerAdapter(spec)
+
+
+# the key of tokenizer_config.json that names an HF export's soft-mask policy
+HF_SOFT_MASK_KEY = "geno_soft_mask"
+
+
+def read_hf_soft_mask(hf_dir: Path) -> str | None:
+    """The soft-mask policy ("upper" or "keep") an HF export's tokenizer_config.json names
+    (checkpoint_tools.hf_tokenizer writes it), or None where the file or the key is absent (not
+    a geno tokenizer). A file that is not a JSON object, or a policy that is not one of ours, is
+    a ValueError naming the file."""
+    path = hf_dir / "tokenizer_config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    policy = config.get(HF_SOFT_MASK_KEY)
+    if policy is not None and policy not in SOFT_MASK_POLICIES:
+        raise ValueError(f"{path}: {HF_SOFT_MASK_KEY}={policy!r} is not one of "
+                         f"{', '.join(SOFT_MASK_POLICIES)}")
+    return policy

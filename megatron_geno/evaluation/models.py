@@ -196,6 +196,12 @@ class HFModel:
             found = config.get("model_type") if isinstance(config, dict) else None
             raise EvalError(f"{hf_dir} is not a Mixtral export (config.json model_type "
                             f"{found!r}; geno-convert to-hf writes 'mixtral')")
+        from megatron_geno.tokenizer import read_hf_soft_mask
+
+        try:  # an export of ours names its policy; another tokenizer reads as upper case
+            self.soft_mask = read_hf_soft_mask(hf_dir) or "upper"
+        except ValueError as err:
+            raise EvalError(str(err)) from None
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging as hf_logging
 
@@ -209,14 +215,6 @@ class HFModel:
         self.path = hf_dir
         self.num_layers = config["num_hidden_layers"]
         self.hidden_size = config["hidden_size"]
-        tok_config = hf_dir / "tokenizer_config.json"
-        policy = "upper"
-        if tok_config.exists():
-            try:
-                policy = json.loads(tok_config.read_text()).get("geno_soft_mask", "upper")
-            except ValueError:
-                policy = "upper"
-        self.soft_mask = policy if policy in ("upper", "keep") else "upper"
 
     def shard(self, n: int) -> tuple[int, int]:
         return 0, 1

@@ -120,6 +120,15 @@ def _outside_index(hf):
     (hf / "model.safetensors").unlink()
 
 
+def _tokenizer_config_not_json(hf):
+    (hf / "tokenizer_config.json").write_text("{not json")
+
+
+def _unknown_soft_mask(hf):
+    config = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").write_text(json.dumps({**config, "geno_soft_mask": "lower"}))
+
+
 CASES = {
     "wrong-shape": (dict(edit_tensors=_wrong_shape), "model.layers.1.self_attn.o_proj.weight"),
     "wrong-vocab": (dict(edit_tensors=_wrong_vocab), "model.embed_tokens.weight"),
@@ -130,6 +139,9 @@ CASES = {
     "vocab-below-tokenizer": (dict(edit_config=_small_vocab), "vocab_size"),
     "heads-not-divisible": (dict(edit_config=_bad_heads), "num_key_value_heads=3"),
     "index-outside-dir": (dict(edit_index=_outside_index), "../outside.safetensors"),
+    "tokenizer-config-not-json": (dict(edit_index=_tokenizer_config_not_json),
+                                  "tokenizer_config.json is not readable JSON"),
+    "unknown-soft-mask": (dict(edit_index=_unknown_soft_mask), "geno_soft_mask='lower'"),
 }
 
 

@@ -66,3 +66,18 @@ def test_auroc_literal_values():
     # one tie between a benign and a pathogenic score counts half: (1 + 1 + 1 + 0.5) / 4
     assert auroc(np.array([0.0, -1.0, 0.0, 1.0]), np.array([1, 1, 0, 0])) == 0.875
     assert auroc(np.array([1.0, 2.0]), np.array([0, 0])) is None
+
+
+def test_hf_model_refuses_a_damaged_soft_mask_policy_before_loading(tmp_path):
+    """A geno:keep export scored with upper-case ids would be silently wrong: a tokenizer config
+    that cannot be read is an error naming it (before transformers loads any weight)."""
+    import json
+
+    import pytest
+
+    from megatron_geno.evaluation.models import EvalError, HFModel
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    (tmp_path / "tokenizer_config.json").write_text('{"geno_soft_mask": "keep"')
+    with pytest.raises(EvalError, match="tokenizer_config.json is not readable JSON"):
+        HFModel(tmp_path)

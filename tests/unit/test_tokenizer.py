@@ -75,3 +75,28 @@ def test_a_checkpoints_tokenizer_and_soft_mask_policy(tmp_path):
     (ckpt / "config.yaml").write_text("data:\n  tokenizer: geno:keep\n")
     assert saved_tokenizer(ckpt) == "geno:keep" and soft_mask_of_spec("geno:keep") == "keep"
     assert soft_mask_of_spec("/some/hf/tokenizer") == "upper"
+
+
+def test_an_hf_exports_soft_mask_policy_one_reader(tmp_path):
+    """geno-convert from-hf and geno-eval read the policy to-hf wrote with one reader, which
+    names the file when it is damaged or names a policy that is not ours."""
+    import json
+
+    import pytest
+
+    from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
+    from megatron_geno.tokenizer import read_hf_soft_mask
+
+    assert read_hf_soft_mask(tmp_path) is None  # no tokenizer_config.json: not ours
+    for policy in ("upper", "keep"):
+        write_hf_tokenizer(tmp_path, policy)
+        assert read_hf_soft_mask(tmp_path) == policy
+    path = tmp_path / "tokenizer_config.json"
+    path.write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert read_hf_soft_mask(tmp_path) is None  # another project's tokenizer
+    for text, message in (("{not json", "is not readable JSON"), ("[1, 2]", "is not a JSON object"),
+                          ('{"geno_soft_mask": "lower"}', "geno_soft_mask='lower' is not one of")):
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message) as err:
+            read_hf_soft_mask(tmp_path)
+        assert str(path) in str(err.value)
