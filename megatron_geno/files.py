@@ -31,18 +31,7 @@ def fsync_tree(root: str | Path) -> None:
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     """Writes data to path through a unique temporary file beside it, fsynced, then renamed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    write_files_atomic([path], lambda temps: temps[0].write_bytes(data))
 
 
 def write_files_atomic(finals: list[str | Path], write) -> None:
