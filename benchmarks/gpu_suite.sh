@@ -3,11 +3,11 @@
 #   bash benchmarks/gpu_suite.sh WHEELS [OUT]
 # Installs this project and its dependencies from WHEELS (benchmarks/make_wheelhouse.sh) into
 # OUT/site with --no-index, then runs tests/gpu, the throughput rows of the GPU-throughput goals
-# (and the old path beside the new for genos-1.2b at 8K: SequentialMLP, eager elementwise work,
-# torch's default AdamW; and the recipe's micro batch, or the largest the memory plan fits on
-# this GPU), a profiler top-20 table and peak
-# memory beside the memory plan's estimate, and prints one dated markdown block for
-# docs/benchmarks.md (also written to OUT/block.md). With Transformer Engine importable it also
+# (and beside them for genos-1.2b at 8K: the recipe's micro batch, or the largest the memory plan
+# fits on this GPU; the old path: SequentialMLP, eager elementwise work, torch's default AdamW),
+# a profiler top-20 table and peak memory beside the memory plan's estimate, and prints one
+# dated markdown block for docs/benchmarks.md (also written to OUT/block.md; OUT/partial.md
+# gets each result as it comes, for a run cut short). With Transformer Engine importable it also
 # runs the TE spec for genos-1.2b at 8K; every row names the spec and experts module it used.
 # SMOKE=1 runs the same steps with tiny shapes (any machine, CPU included) to check the plumbing.
 set -euo pipefail
@@ -71,8 +71,12 @@ PYEOF
 fi
 
 START=$(date +%s)
+# each result is also written to OUT/partial.md as it comes, so a run cut short keeps them
+PARTIAL="$OUT/partial.md"
+: > "$PARTIAL"
 step "tests/gpu"
 TESTS=$("$PY" -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee -a "$LOG" | tail -1)
+echo "pytest tests/gpu: $TESTS ($(( $(date +%s) - START )) s)" >> "$PARTIAL"
 TABLE=""
 for row in "${ROWS[@]}"; do
     name=${row%%|*}
@@ -80,6 +84,7 @@ for row in "${ROWS[@]}"; do
     # shellcheck disable=SC2086
     line=$("$PY" benchmarks/train_throughput.py --no-baseline ${row#*|} 2>>"$LOG" | tail -1)
     TABLE+="| $name $(echo "${line#| }" | sed 's/ [^|]*|$//')"$'\n'
+    echo "| $name $(echo "${line#| }" | sed 's/ [^|]*|$//') ($(( $(date +%s) - START )) s)" >> "$PARTIAL"
 done
 step "profile"
 PROFILE_OUT=$("$PY" benchmarks/profile_step.py "${PROFILE[@]}" 2>>"$LOG")
