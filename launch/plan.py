@@ -36,8 +36,9 @@ def layer_activations(m: ModelConfig, seq: float, batch: int,
                       recomputed: bool = False) -> dict[str, float]:
     """Bytes one transformer layer keeps for its backward pass, by part, for a micro-batch of
     ``batch`` sequences of which this GPU holds ``seq`` positions (bf16, flash attention). RoPE's
-    tensors are per position, the rest per token. ``recomputed``: a layer of model.recompute=full, which keeps
-    only its input; model.recompute=selective drops the recomputed modules' part.
+    tensors are per position, the rest per token. ``recomputed``: a layer of
+    model.recompute=full, which keeps only its input; model.recompute=selective drops the
+    recomputed modules' part.
 
     Each term is a tensor megatron-core's layer (local spec, SDPA, grouped or sequential experts)
     saves for backward, per token; tests/unit/test_memory_plan.py measures those tensors on CPU
@@ -94,10 +95,10 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     CP) tokens; the first stage holds PP micro-batches in flight under 1F1B, and
     1 + (PP - 1) / (PP x V) times that with V virtual stages (interleaved 1F1B). model.recompute:
     full keeps only each recomputed layer's input plus one layer being rebuilt; selective drops
-    the recomputed modules' share. Backward working memory: the largest
-    transient of one layer's backward, the gradient of the experts' fc1 output and the bf16
-    weight gradient of one layer's fc1 experts (measured on CPU with torch's memory profiler:
-    benchmarks/memory_plan.py). Not included: the CUDA context, NCCL and cuBLAS workspaces and
+    the recomputed modules' share. Backward working memory: the largest transient of one
+    layer's backward, the gradient of the experts' fc1 output and the bf16 weight gradient of
+    one layer's fc1 experts (benchmarks/memory_plan.py compares with the peak torch's memory
+    profiler measures on CPU). Not included: the CUDA context, NCCL and cuBLAS workspaces and
     the caching allocator's fragmentation; ``fits`` leaves room for them.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
