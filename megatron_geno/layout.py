@@ -53,8 +53,14 @@ def layout_violations(cfg: TrainConfig, world_size: int, have_te: bool) -> list[
                       f"{seq_multiple}")
     if dp is not None:
         if d.global_batch_size % (d.micro_batch_size * dp):
+            if d.global_batch_size % dp:
+                fix = "change the world size or data.global_batch_size"
+            else:  # the largest micro batch, up to the configured one, that divides
+                per_rank = d.global_batch_size // dp
+                fits = max(m for m in range(1, d.micro_batch_size + 1) if per_rank % m == 0)
+                fix = f"data.micro_batch_size={fits} divides it"
             faults.append(f"global batch {d.global_batch_size} is not divisible by micro batch x "
-                          f"DP = {d.micro_batch_size} x {dp} = {d.micro_batch_size * dp}")
+                          f"DP = {d.micro_batch_size} x {dp} = {d.micro_batch_size * dp} ({fix})")
         elif vp > 1 and (d.global_batch_size // (d.micro_batch_size * dp)) % pp:
             micro = d.global_batch_size // (d.micro_batch_size * dp)
             faults.append(f"{vp} virtual pipeline stages need micro-batches per step ({micro} = "

@@ -46,7 +46,11 @@ def layout(overrides: list[str]):
     (["parallel.tensor_parallel=2", "parallel.context_parallel=2", "data.seq_length=8196"], 8,
      "sequence length 8196 is not divisible by 2 x CP (4) x TP (2, sequence parallelism) = 8"),
     (["data.global_batch_size=1000"], 16,
-     "global batch 1000 is not divisible by micro batch x DP = 1 x 16 = 16"),
+     "global batch 1000 is not divisible by micro batch x DP = 1 x 16 = 16 (change the world "
+     "size or data.global_batch_size)"),
+    (["data.micro_batch_size=8"], 256,
+     "global batch 1024 is not divisible by micro batch x DP = 8 x 256 = 2048 "
+     "(data.micro_batch_size=4 divides it)"),
     (["parallel.tensor_parallel=2", "parallel.sequence_parallel=false"], 8,
      "MoE with TP = 2 needs parallel.sequence_parallel=true"),
 ])
