@@ -19,7 +19,7 @@ from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 from megatron_geno.checkpoint_trust import seal
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.presets import PRESETS
-from megatron_geno.tokenizer import read_hf_soft_mask
+from megatron_geno.tokenizer import VOCAB_SIZE, read_hf_soft_mask
 
 
 # config.json keys a Mixtral config must carry, with their checks (value -> ok)
@@ -265,8 +265,6 @@ def tokenizer_spec(hf_dir: Path, vocab_size: int) -> str:
 
     Refuses a vocabulary smaller than the tokenizer's (ids the embedding could not hold).
     """
-    from megatron_geno.tokenizer import VOCAB_SIZE
-
     tokenizer_path = hf_dir / "tokenizer.json"
     try:
         policy = read_hf_soft_mask(hf_dir)

@@ -39,4 +39,3 @@ def write_hf_tokenizer(out: Path, soft_mask: str = "upper") -> None:
               "clean_up_tokenization_spaces": False, HF_SOFT_MASK_KEY: soft_mask, **SPECIAL}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(SPECIAL, indent=2) + "\n")
-

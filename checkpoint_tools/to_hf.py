@@ -16,7 +16,7 @@ from checkpoint_tools.output_dir import check_out, write_into_new_dir
 from megatron_geno.config import ModelConfig
 from megatron_geno.units import parse_size
 from megatron_geno.checkpointing import saved_tokenizer
-from megatron_geno.tokenizer import BOS, EOD, GENO_SPECS, PAD
+from megatron_geno.tokenizer import BOS, EOD, PAD, soft_mask_of_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KNOWN_KEYS = {rule.mcore for rule in RULES}
@@ -153,11 +153,6 @@ def plan_tensors(ckpt: McoreCheckpoint, model: ModelConfig) -> list[tuple[str, t
     return plan
 
 
-def tokenizer_policy(ckpt: McoreCheckpoint) -> str:
-    """Returns the soft-mask policy of the geno tokenizer the checkpoint was trained with."""
-    return GENO_SPECS.get(saved_tokenizer(ckpt.path), "upper")
-
-
 def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                 shard_size: str = "1GB", iteration: Optional[int] = None, progress=None,
                 verify_checksums: bool = True) -> Path:
@@ -191,6 +186,7 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
                 writer.add(name, part)
         writer.finish()
         (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
-        write_hf_tokenizer(tmp, tokenizer_policy(ckpt))
+        # the soft-mask policy of the run that saved the checkpoint
+        write_hf_tokenizer(tmp, soft_mask_of_spec(saved_tokenizer(ckpt.path)))
 
     return write_into_new_dir(out, write)

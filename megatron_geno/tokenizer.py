@@ -124,6 +124,11 @@ class HFTokenizerAdapter(MegatronTokenizerBase):
 GENO_SPECS = {"geno": "upper", "geno:upper": "upper", "geno:keep": "keep"}
 
 
+def soft_mask_of_spec(spec: str) -> str:
+    """The built-in tokenizer's soft-mask policy for a data.tokenizer value (upper otherwise)."""
+    return GENO_SPECS.get(spec, "upper")
+
+
 def build_tokenizer(spec: str = "geno"):
     """Returns the built-in tokenizer for ``"geno"``, else the HuggingFace tokenizer at that path."""
     if spec in GENO_SPECS:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from megatron_geno.config import ConfigError, TrainConfig
-from megatron_geno.evaluation.models import EvalError, MegatronModel, soft_mask_of_spec
-from megatron_geno.tokenizer import GENO_SPECS
+from megatron_geno.evaluation.models import EvalError, MegatronModel
+from megatron_geno.tokenizer import GENO_SPECS, soft_mask_of_spec
 
 
 class TrainingEval:

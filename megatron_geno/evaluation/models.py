@@ -25,13 +25,6 @@ class EvalError(RuntimeError):
     """Input geno-eval refuses: the message names the file, record or option at fault."""
 
 
-def soft_mask_of_spec(spec: str) -> str:
-    """The built-in tokenizer's soft-mask policy for a data.tokenizer value (upper otherwise)."""
-    from megatron_geno.tokenizer import GENO_SPECS
-
-    return GENO_SPECS.get(spec, "upper")
-
-
 class MegatronModel:
     """A geno-train checkpoint on megatron-core, at parallel.tensor_parallel x pipeline_parallel
     (the rest of the world is data parallel: each data-parallel group scores its share)."""
@@ -59,7 +52,7 @@ class MegatronModel:
                                                  saved_tokenizer)
         from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
         from megatron_geno.model import build_model_chunks
-        from megatron_geno.tokenizer import VOCAB_SIZE
+        from megatron_geno.tokenizer import VOCAB_SIZE, soft_mask_of_spec
 
         parallel = ParallelConfig(tensor_parallel=tensor_parallel,
                                   pipeline_parallel=pipeline_parallel)

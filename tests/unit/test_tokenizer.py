@@ -67,7 +67,7 @@ def test_a_checkpoints_tokenizer_and_soft_mask_policy(tmp_path):
     """Read from the iteration directory's config.yaml (as geno-train and from-hf write it), the
     one reader geno-convert to-hf and geno-eval share."""
     from megatron_geno.checkpointing import saved_tokenizer
-    from megatron_geno.evaluation.models import soft_mask_of_spec
+    from megatron_geno.tokenizer import soft_mask_of_spec
 
     ckpt = tmp_path / "iter_0000004"
     ckpt.mkdir()
