@@ -18,13 +18,13 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_pipeline.corpus import CorpusSplit
 from data_pipeline.corpus_manifest import read_manifest_json
 from data_pipeline.errors import PipelineError
+from data_pipeline.export import write_bin_idx
 from megatron_geno.config import ConfigError, TrainConfig
-from megatron_geno.files import write_files_atomic
 from megatron_geno.vocab import COMPLEMENT, EOD
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,8 @@ def synthetic_genome(length: int, seed: int, num_contigs: int = 100) -> list[np.
 
 
 def write_indexed_dataset(prefix: str | Path, documents: list[np.ndarray]) -> None:
-    """Writes documents (EOD appended) as a Megatron .bin/.idx pair with megatron-core's builder."""
-    prefix = str(prefix)
-
-    def write(temps: list[Path]) -> None:
-        builder = IndexedDatasetBuilder(str(temps[0]), dtype=np.uint8)
-        for doc in documents:
-            builder.add_document(torch.from_numpy(np.append(doc, EOD).astype(np.uint8)),
-                                 [len(doc) + 1])
-        builder.finalize(str(temps[1]))
-
-    write_files_atomic([prefix + ".bin", prefix + ".idx"], write)
+    """Writes documents (EOD appended) as a Megatron .bin/.idx pair (export-megatron's writer)."""
+    write_bin_idx(prefix, (np.append(doc, EOD).astype(np.uint8) for doc in documents))
 
 
 def synthetic_prefix(cfg: TrainConfig, cache_dir: Path) -> str:
