@@ -195,11 +195,11 @@ def _restore_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _saved_step(saved) -> float:
+def _saved_step(saved) -> float | None:
     """The optimizer step recorded in a saved optimizer's param groups (any structure)."""
     if isinstance(saved, dict):
-        for group in saved.get("param_groups", []) if isinstance(saved.get("param_groups"),
-                                                                     list) else []:
+        groups = saved.get("param_groups")
+        for group in groups if isinstance(groups, list) else []:
             if isinstance(group, dict) and "step" in group:
                 return group["step"]
         for value in saved.values():

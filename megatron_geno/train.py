@@ -150,14 +150,14 @@ class TrainingRun:
                       for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
         if self.rank0:  # fully resolved now (padded vocabulary included)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-            self.say(f"# resolved config\n{cfg.to_yaml()}", quiet_log=False)
+            resolved = cfg.to_yaml()
+            (self.run_dir / "config.yaml").write_text(resolved)
+            self.say(f"# resolved config\n{resolved}", quiet_log=False)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
         self._connect_schedule_hooks()
         self.state = (load_checkpoint(cfg, self.model, self.optimizer, self.scheduler)
                       if cfg.checkpoint.load else TrainState())
-        if self.rank0:  # the start-up line: which spec, experts module, layout and precision ran
-            self.say(f"# {describe(cfg)}")
+        self.say(f"# {describe(cfg)}")  # which spec, experts module, layout and precision ran
         d = cfg.data
         if d.reset_attention_mask and use_transformer_engine(cfg.model):
             raise ConfigError("data.reset_attention_mask needs model.attention_backend=sdpa (the "
@@ -188,6 +188,8 @@ class TrainingRun:
 
     def say(self, text: str, quiet_log: bool = True) -> None:
         """Prints on rank 0; with logging.quiet, logs instead (or drops it: quiet_log=False)."""
+        if not self.rank0:
+            return
         if self.cfg.logging.quiet:
             if quiet_log:
                 log.info("%s", text.replace("\n", "; "))
@@ -265,8 +267,7 @@ class TrainingRun:
             path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
                                    self.state)
             self.saved.append(path)
-            if self.rank0 and not self.cfg.logging.quiet:
-                print(f"# saved checkpoint {path}", flush=True)
+            self.say(f"# saved checkpoint {path}", quiet_log=False)
 
     def run(self) -> list[dict]:
         s, interval = self.cfg.schedule, self.cfg.checkpoint.save_interval
@@ -292,10 +293,8 @@ class TrainingRun:
             self.save()
         if self.writer:
             self.writer.close()
-        if self.rank0:
-            self.say(run_summary(self.cfg, self.records, self.state.iteration - first_iteration,
-                                 time.perf_counter() - started,
-                                 self.saved[-1] if self.saved else None))
+        self.say(run_summary(self.cfg, self.records, self.state.iteration - first_iteration,
+                             time.perf_counter() - started, self.saved[-1] if self.saved else None))
         return self.records
 
 
