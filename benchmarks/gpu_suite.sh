@@ -83,8 +83,9 @@ for row in "${ROWS[@]}"; do
     step "throughput: $name"
     # shellcheck disable=SC2086
     line=$("$PY" benchmarks/train_throughput.py --no-baseline ${row#*|} 2>>"$LOG" | tail -1)
-    TABLE+="| $name $(echo "${line#| }" | sed 's/ [^|]*|$//')"$'\n'
-    echo "| $name $(echo "${line#| }" | sed 's/ [^|]*|$//') ($(( $(date +%s) - START )) s)" >> "$PARTIAL"
+    row_md="| $name $(echo "${line#| }" | sed 's/ [^|]*|$//')"
+    TABLE+="$row_md"$'\n'
+    echo "$row_md ($(( $(date +%s) - START )) s)" >> "$PARTIAL"
 done
 step "profile"
 PROFILE_OUT=$("$PY" benchmarks/profile_step.py "${PROFILE[@]}" 2>>"$LOG")

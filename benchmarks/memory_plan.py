@@ -51,8 +51,8 @@ def layer_rows(seq: int, mbs: int) -> list[tuple]:
 def recipe_rows() -> list[tuple]:
     import dataclasses
 
-    from launch.plan import RECIPE_DATA_PARALLEL, largest_micro_batch, memory_per_gpu
-    from launch.plan import validate_layout
+    from launch.plan import (RECIPE_DATA_PARALLEL, largest_micro_batch, memory_per_gpu,
+                             validate_layout)
     from launch.recipe import RECIPE_DIR, load_recipe
 
     rows = []

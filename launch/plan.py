@@ -32,6 +32,13 @@ class Plan:
     largest_micro_batch: int | None  # the largest that fits it (global batch unchanged)
 
 
+def _norm_bytes(m: ModelConfig) -> int:
+    """Bytes per token an RMSNorm keeps: its bf16 input (and, eager, an fp32 copy) and 1/rms.
+    model.fusions auto counts as on: it is on wherever CUDA runs the job."""
+    e, h = 2, m.hidden_size
+    return e * h + 4 if m.fusions != "off" else 4 * h + e * h + 4
+
+
 def layer_activations(m: ModelConfig, seq: float, batch: int,
                       recomputed: bool = False) -> dict[str, float]:
     """Bytes one transformer layer keeps for its backward pass, by part, for a micro-batch of
@@ -53,13 +60,12 @@ def layer_activations(m: ModelConfig, seq: float, batch: int,
     if recomputed:
         return {"layer input": e * h * tokens}
     fused = m.fusions != "off"  # auto: on wherever CUDA runs the job
-    norm = e * h + 4 if fused else 4 * h + e * h + 4  # input (+ its fp32 copy), 1/rms
     if fused:
         expert_token = e * h + 3 * e * ffn + 4  # input, fc1 output, fc2 input, probability
     else:
         expert_token = e * h + (5 if m.moe_grouped_gemm != "off" else 6) * e * ffn + 4
     parts = {
-        "norms": 2 * norm,
+        "norms": 2 * _norm_bytes(m),
         # the QKV projection's input; q and k after RoPE; the QKV output (v is a view of it);
         # the attention output; the log-sum-exp
         "attention": (e * h + e * heads * d + e * groups * d + e * (heads + 2 * groups) * d
@@ -81,9 +87,9 @@ def layer_activations(m: ModelConfig, seq: float, batch: int,
 def outside_layers_activations(m: ModelConfig, seq: float, batch: int, vocab: int) -> float:
     """Bytes kept for backward outside the layers (as ``layer_activations``): final norm, output
     layer input, fp32 logits for the loss, token ids; fused, RoPE's fp32 angles (per position)."""
-    e, h, fused = 2, m.hidden_size, m.fusions != "off"
-    norm = e * h + 4 if fused else 4 * h + e * h + 4
-    return (norm + e * h + 4 * vocab + 17) * seq * batch + (4 * m.head_dim() * seq if fused else 0)
+    fused = m.fusions != "off"
+    return ((_norm_bytes(m) + 2 * m.hidden_size + 4 * vocab + 17) * seq * batch
+            + (4 * m.head_dim() * seq if fused else 0))
 
 
 def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
