@@ -11,7 +11,11 @@ against the plan's activations + backward working memory for it. On a GPU the sa
 kept; what CPU cannot show (CUDA context, NCCL/cuBLAS workspaces, allocator fragmentation) is
 the plan's headroom, and benchmarks/gpu_suite.sh prints the plan beside the measured peak.
 
-Table 2: each bundled recipe at data-parallel size 8: the plan at its micro batch, and the
+Table 2: the same per-layer measure for every setting the plan models (fused, eager,
+SequentialMLP, each recomputation). Table 3: the plan for benchmarks/gpu_suite.sh's rows on one
+GPU, on the fast path and on the old one (eager elementwise work, SequentialMLP).
+
+Table 4: each bundled recipe at data-parallel size 8: the plan at its micro batch, and the
 largest micro batch whose plan fits an 80 GiB GPU less the headroom (the recipe's own).
 """
 
@@ -45,6 +49,48 @@ def layer_rows(seq: int, mbs: int) -> list[tuple]:
         planned_peak = memory["activations (estimate)"] + memory[
             "backward working memory (estimate)"]
         rows.append((fusions, kept, sum(parts.values()), parts, peak, planned_peak))
+    return rows
+
+
+def setting_rows(seq: int, mbs: int) -> list[tuple]:
+    """(setting, kept per layer, plan per layer) in bytes per token x hidden, for every setting
+    the plan models (tests/memory_probe.SETTINGS), at genos-1.2b's shape."""
+    from launch.plan import layer_activations
+    from megatron_geno.config import load_config
+    from tests.memory_probe import SETTINGS, saved_bytes, setting_name
+
+    rows = []
+    for setting in SETTINGS:
+        overrides = ["model.preset=genos-1.2b", f"data.seq_length={seq}",
+                     f"data.micro_batch_size={mbs}", f"data.global_batch_size={mbs}", *setting]
+        kept = saved_bytes(overrides, 2) - saved_bytes(overrides, 1)
+        m = load_config(None, overrides).model
+        planned = sum(layer_activations(m, seq, mbs, recomputed=m.recompute == "full").values())
+        unit = seq * mbs * m.hidden_size
+        rows.append((setting_name(setting), kept / unit, planned / unit))
+    return rows
+
+
+# benchmarks/gpu_suite.sh's rows (train_throughput.py on one GPU), and the old path's settings
+SUITE_ROWS = [("genos-1.2b 12 layers 8K, micro batch 1", "genos-1.2b", 12, 8192, 1),
+              ("genos-1.2b 12 layers 8K, micro batch 4", "genos-1.2b", 12, 8192, 4),
+              ("genos-1.2b 12 layers 8K, micro batch 8", "genos-1.2b", 12, 8192, 8),
+              ("genos-10b shapes 4 layers 8K, micro batch 1", "genos-10b", 4, 8192, 1),
+              ("genos-1.2b 12 layers 32K, micro batch 1", "genos-1.2b", 12, 32768, 1)]
+OLD_PATH = ["model.fusions=off", "model.moe_grouped_gemm=off"]
+
+
+def suite_rows() -> list[tuple]:
+    """(row, plan GiB on the fast path, plan GiB on the old path) on one GPU (DP 1)."""
+    from launch.plan import memory_per_gpu
+    from megatron_geno.config import load_config
+
+    rows = []
+    for name, preset, layers, seq, mbs in SUITE_ROWS:
+        base = [f"model.preset={preset}", f"model.num_layers={layers}", f"data.seq_length={seq}",
+                f"data.micro_batch_size={mbs}", f"data.global_batch_size={2 * mbs}"]
+        rows.append((name, *(sum(memory_per_gpu(load_config(None, base + extra), 1, 1).values())
+                             / 2**30 for extra in ([], OLD_PATH))))
     return rows
 
 
@@ -91,6 +137,16 @@ def main() -> None:
     for fusions, _, _, parts, _, _ in rows:
         print(f"plan per layer, fusions {fusions} (MiB): "
               + ", ".join(f"{part} {size / MIB:.1f}" for part, size in parts.items()))
+    print(f"\nper layer, every setting the plan models (genos-1.2b shapes, seq {args.seq}, "
+          f"micro batch {args.mbs}, bf16, CPU), bytes per token x hidden")
+    print("| setting | kept for backward | plan | plan / measured |")
+    print("|---|---:|---:|---:|")
+    for name, kept, planned in setting_rows(args.seq, args.mbs):
+        print(f"| {name} | {kept:.2f} | {planned:.2f} | {planned / kept:.3f} |")
+    print("\n| GPU suite row (one GPU, DP 1) | plan, fast path (GiB) | plan, old path (GiB) |")
+    print("|---|---:|---:|")
+    for name, fast, old in suite_rows():
+        print(f"| {name} | {fast:.1f} | {old:.1f} |")
     print("\n| recipe | GPUs at DP 8 | micro batch | plan at micro batch 1 (GiB) | "
           "plan at the recipe's (GiB) | largest that fits 80 GiB less 15% |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -19,6 +19,23 @@ import contextlib
 import torch
 
 
+# the settings whose kept-for-backward bytes the plan models: the fused path a GPU runs, the
+# eager one, SequentialMLP experts, each recomputation (test_memory_plan and the benchmark)
+SETTINGS = [
+    ["model.fusions=on"],
+    ["model.fusions=off"],
+    ["model.fusions=off", "model.moe_grouped_gemm=off"],
+    ["model.fusions=on", "model.moe_grouped_gemm=off"],
+    ["model.fusions=on", "model.recompute=selective", "model.recompute_modules=[moe]"],
+    ["model.fusions=on", "model.recompute=selective", "model.recompute_modules=[core_attn]"],
+    ["model.fusions=on", "model.recompute=full"],
+]
+
+
+def setting_name(overrides: list[str]) -> str:
+    return " ".join(o.split(".", 1)[1] for o in overrides)
+
+
 @contextlib.contextmanager
 def bf16_model(overrides: list[str], layers: int):
     """Yields (model config, model in bf16, tokens, positions) for one micro-batch."""

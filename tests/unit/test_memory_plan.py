@@ -8,7 +8,7 @@ import pytest
 
 from launch.plan import layer_activations, outside_layers_activations
 from megatron_geno.config import load_config
-from tests.memory_probe import saved_bytes
+from tests.memory_probe import SETTINGS, saved_bytes, setting_name
 
 # not a preset: GQA at 4:1, a head dimension of 32, 4 experts; 128 padded vocabulary
 SHAPE = ["model.preset=tiny", "model.hidden_size=256", "model.num_attention_heads=8",
@@ -17,15 +17,7 @@ SHAPE = ["model.preset=tiny", "model.hidden_size=256", "model.num_attention_head
 SEQ, BATCH = 128, 2
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.fusions=on"],
-    ["model.fusions=off"],
-    ["model.fusions=off", "model.moe_grouped_gemm=off"],
-    ["model.fusions=on", "model.moe_grouped_gemm=off"],
-    ["model.fusions=on", "model.recompute=selective", "model.recompute_modules=[moe]"],
-    ["model.fusions=on", "model.recompute=selective", "model.recompute_modules=[core_attn]"],
-    ["model.fusions=on", "model.recompute=full"],
-], ids=lambda o: " ".join(x.split(".", 1)[1] for x in o))
+@pytest.mark.parametrize("overrides", SETTINGS, ids=setting_name)
 def test_plan_activations_match_what_the_model_keeps_for_backward(overrides):
     one, two = saved_bytes(SHAPE + overrides, 1), saved_bytes(SHAPE + overrides, 2)
     m = load_config(None, SHAPE + overrides).model
