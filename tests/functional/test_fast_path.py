@@ -27,7 +27,7 @@ def test_fast_path_matches_baseline_at_tp2(tmp_path):
 def test_fast_path_in_bf16_matches_baseline(tmp_path):
     """What a GPU runs, in bf16 on CPU: grouped experts in bf16, the compiled weighted SwiGLU on
     bf16 activations with fp32 router probabilities, and the fused bf16 cross-entropy. 10 steps
-    from one initialisation give the eager bf16 path's losses (measured apart by < 1e-4)."""
+    from one initialisation give the eager bf16 path's losses."""
     geno_train(tmp_path / "init", "schedule.train_iters=0", "schedule.warmup_iters=0", *BASELINE,
                f"checkpoint.save={tmp_path / 'init'}")
     load = [f"checkpoint.load={tmp_path / 'init'}", "checkpoint.weights_only=true",
