@@ -79,5 +79,7 @@ def test_hf_model_refuses_a_damaged_soft_mask_policy_before_loading(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
     (tmp_path / "tokenizer_config.json").write_text('{"geno_soft_mask": "keep"')
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
     with pytest.raises(EvalError, match="tokenizer_config.json is not readable JSON"):
         HFModel(tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before

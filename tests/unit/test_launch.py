@@ -119,9 +119,12 @@ def test_cli_names_the_largest_micro_batch_and_warns_when_the_plan_exceeds_the_g
     assert main(["--recipe", "genos-10b-1m", "--nodes", "256", "--dry-run", "--gpu-memory", "8",
                  "--container", "img", run_dir]) == 0
     assert "no micro batch fits" in capsys.readouterr().out
+    refused = tmp_path / "refused"
     for bad in ("0", "-80", "nan", "inf"):
-        assert main(["--recipe", "genos-1.2b-8k", "--dry-run", "--gpu-memory", bad, run_dir]) == 2
+        assert main(["--recipe", "genos-1.2b-8k", "--dry-run", "--gpu-memory", bad,
+                     f"logging.run_dir={refused}"]) == 2
         assert "--gpu-memory must be > 0 GiB" in capsys.readouterr().err
+    assert not refused.exists()  # a refused launch writes nothing
 
 
 def test_context_parallel_grows_and_later_phases_mix_one_to_one():
