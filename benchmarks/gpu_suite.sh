@@ -56,7 +56,7 @@ from launch.recipe import load_recipe
 recipe, _, _ = load_recipe("genos-1.2b-8k", [])
 cfg, _, _ = load_recipe("genos-1.2b-8k", ["data.global_batch_size=64"])
 gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-print(min(recipe.data.micro_batch_size, largest_micro_batch(cfg, 1, False, gib) or 1))
+print(min(recipe.data.micro_batch_size, largest_micro_batch(cfg, 1, gib) or 1))
 PYEOF
 ) || MBS=1  # the plan failed (see suite.log): micro batch 1
     ROWS=("genos-1.2b 8K|${B12[*]}"

@@ -106,12 +106,12 @@ def recipe_rows() -> list[tuple]:
         cfg, _, _ = load_recipe(path.stem, [])
         p = cfg.parallel
         world = RECIPE_DATA_PARALLEL * p.tensor_parallel * p.pipeline_parallel * p.context_parallel
-        dp, expert_dp = validate_layout(cfg, world, True)
+        dp, expert_dp = validate_layout(cfg, world)
         total = sum(memory_per_gpu(cfg, dp, expert_dp).values())
         one = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=1))
         rows.append((path.stem, world, cfg.data.micro_batch_size,
                      sum(memory_per_gpu(one, dp, expert_dp).values()), total,
-                     largest_micro_batch(cfg, world, True)))
+                     largest_micro_batch(cfg, world)))
     return rows
 
 

@@ -65,14 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def have_transformer_engine() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install counts as absent
-        return False
-    return True
-
-
 def interpreter(args) -> str:
     """The Python that runs geno-train: --python, else python3 in a container, else this one."""
     return args.python or ("python3" if args.container else sys.executable)
@@ -124,10 +116,7 @@ def main(argv=None) -> int:
                               "geno-launch inside the image")
         cfg, launch, path = load_recipe(args.recipe, args.overrides)
         world = args.nodes * args.gpus_per_node
-        # Transformer Engine where the job runs: the project's image has it; otherwise the job
-        # runs this environment, so what imports here is what it gets
-        result = plan(cfg, world, bool(args.container) or have_transformer_engine(),
-                      launch.token_budget, gpu_gib)
+        result = plan(cfg, world, launch.token_budget, gpu_gib)
     except (ConfigError, LayoutError) as err:
         print(f"geno-launch: error: {err}", file=sys.stderr)
         return 2

@@ -151,7 +151,7 @@ def fits(memory: dict[str, float], gpu_gib: float) -> bool:
     return sum(memory.values()) <= gpu_gib * GIB * (1 - HEADROOM)
 
 
-def largest_micro_batch(cfg: TrainConfig, world_size: int, have_te: bool,
+def largest_micro_batch(cfg: TrainConfig, world_size: int,
                         gpu_gib: float = GPU_MEMORY_GIB) -> int | None:
     """The largest power-of-two micro batch whose plan fits a GPU of gpu_gib GiB at this layout
     and world size, the global batch unchanged; None when even 1 does not fit."""
@@ -159,7 +159,7 @@ def largest_micro_batch(cfg: TrainConfig, world_size: int, have_te: bool,
     while mbs <= cfg.data.global_batch_size:
         trial = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size=mbs))
         try:
-            dp, expert_dp = validate_layout(trial, world_size, have_te)
+            dp, expert_dp = validate_layout(trial, world_size)
         except LayoutError:  # the global batch no longer divides by micro batch x DP
             break
         if not fits(memory_per_gpu(trial, dp, expert_dp), gpu_gib):
@@ -168,15 +168,15 @@ def largest_micro_batch(cfg: TrainConfig, world_size: int, have_te: bool,
     return best
 
 
-def plan(cfg: TrainConfig, world_size: int, have_te: bool, token_budget: float | None,
+def plan(cfg: TrainConfig, world_size: int, token_budget: float | None,
          gpu_gib: float = GPU_MEMORY_GIB) -> Plan:
-    dp, expert_dp = validate_layout(cfg, world_size, have_te)
+    dp, expert_dp = validate_layout(cfg, world_size)
     d = cfg.data
     tokens = d.global_batch_size * d.seq_length
     steps = math.ceil(token_budget / tokens) if token_budget else None
     return Plan(world_size, dp, expert_dp, d.global_batch_size // (d.micro_batch_size * dp),
                 tokens, steps, memory_per_gpu(cfg, dp, expert_dp), gpu_gib,
-                largest_micro_batch(cfg, world_size, have_te, gpu_gib))
+                largest_micro_batch(cfg, world_size, gpu_gib))
 
 
 def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> str:

@@ -1,4 +1,15 @@
-"""Core attention for the local (no Transformer Engine) layer spec: torch SDPA, GQA, causal."""
+"""Core attention for the local (no Transformer Engine) layer spec: torch SDPA, GQA, causal, and
+context parallelism (DESIGN decision 15).
+
+Context parallelism (CP): megatron-core's batch split (``get_batch_on_this_cp_rank``) gives CP
+rank r the sequence chunks r and 2CP-1-r of 2 x CP equal chunks (balanced causal work), and its
+RoPE table is sliced the same way, so q and k arrive here with their global positions. Each rank
+all-gathers K and V over the CP group with their GQA groups (megatron-core's sequence-parallel
+gather: all-gather forward, reduce-scatter backward), puts the chunks back in global order, and
+attends each local query chunk j to the keys of chunks 0..j with a bottom-right-aligned causal
+mask. The gathered K/V are not kept for backward: autograd's saved-tensor hooks keep this rank's
+chunks and gather again when the layer's backward needs them.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +18,114 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_geno import platform
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """SDPA of q [b, h, sq, d] over k, v [b, g, sk, d] (sk >= sq), causal with the mask aligned
+    bottom-right: query i sees keys up to sk - sq + i (the queries are the last sq positions).
+
+    ``is_causal=True`` aligns top-left, which is wrong whenever sq != sk; it is used only for
+    sq == sk. On CUDA, torch's ``causal_lower_right`` bias reaches the flash kernel; elsewhere
+    the mask is explicit (CPU sizes)."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if sq == sk:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True,
+                                              scale=scale, enable_gqa=gqa)
+    if q.is_cuda:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(sq, sk)
+    else:
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          scale=scale, enable_gqa=gqa)
+
+
+def global_chunk_order(cp: int) -> torch.Tensor:
+    """For global chunks 0..2CP-1, their positions in a CP all-gather (rank r contributes its
+    chunks r and 2CP-1-r, in that order, at positions 2r and 2r+1)."""
+    order = [0] * (2 * cp)
+    for r in range(cp):
+        order[r], order[2 * cp - 1 - r] = 2 * r, 2 * r + 1
+    return torch.tensor(order)
+
+
+def gather_global(x: torch.Tensor, group) -> torch.Tensor:
+    """This CP rank's chunks x [s / CP, ...] all-gathered over ``group`` into global sequence
+    order [s, ...] (backward: reduce-scatter of the gradient back to each rank's chunks)."""
+    cp = group.size()
+    gathered = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True,
+                                                    group=group)
+    chunks = gathered.view(2 * cp, x.shape[0] // 2, *x.shape[1:])
+    return chunks[global_chunk_order(cp).to(x.device)].reshape(cp * x.shape[0], *x.shape[1:])
+
+
+class _Regather:
+    """A gathered K or V, known to autograd by its storage: kept as this rank's chunks and
+    gathered again (once per backward) when a saved view of it is unpacked."""
+
+    def __init__(self, local: torch.Tensor, full: torch.Tensor, group) -> None:
+        self.local, self.group = local.detach(), group
+        self.storage = full.untyped_storage().data_ptr()
+        self.full: Optional[torch.Tensor] = None
+
+    def get(self) -> torch.Tensor:
+        if self.full is None:
+            with torch.no_grad(), platform.in_backward():
+                self.full = gather_global(self.local, self.group)
+        return self.full
+
+
+class _KeepLocalOnly(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that swap any saved view of the gathered K/V for a _Regather."""
+
+    def __init__(self, regathers: list[_Regather]) -> None:
+        def pack(t: torch.Tensor):
+            for r in regathers:
+                if t.untyped_storage().data_ptr() == r.storage:
+                    return r, t.size(), t.stride(), t.storage_offset()
+            return t
+
+        def unpack(saved):
+            if isinstance(saved, torch.Tensor):
+                return saved
+            r, size, stride, offset = saved
+            return r.get().as_strided(size, stride, offset)
+
+        super().__init__(pack, unpack)
+
+
+def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               group, scale: Optional[float] = None,
+                               dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of this CP rank's two query chunks over the whole sequence's keys.
+
+    query [s/CP, b, h, d], key and value [s/CP, b, g, d] hold global chunks r and 2CP-1-r (in
+    that order) of the CP rank r of ``group``; returns [s/CP, b, h, d] in the same order, equal
+    to the rows of single-process causal attention over the whole sequence.
+    """
+    cp, rank = group.size(), group.rank()
+    c = query.shape[0] // 2
+    full_k, full_v = gather_global(key, group), gather_global(value, group)
+    regathers = [_Regather(key, full_k, group), _Regather(value, full_v, group)]
+    outs = []
+    with _KeepLocalOnly(regathers):
+        for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+            keys = (chunk + 1) * c  # this chunk and every one before it
+            q = query[half * c:(half + 1) * c].permute(1, 2, 0, 3)
+            k, v = (t[:keys].permute(1, 2, 0, 3) for t in (full_k, full_v))
+            outs.append(causal_attention(q, k, v, scale, dropout_p))
+    # [b, h, c, d] x 2 -> [s/CP, b, h, d]
+    return torch.cat(outs, dim=2).permute(2, 0, 1, 3)
 
 
 class SDPAttention(MegatronModule):
@@ -19,7 +134,8 @@ class SDPAttention(MegatronModule):
     Takes query [sq, b, heads, d] and key/value [sk, b, groups, d] (grouped-query attention,
     no key/value repetition in memory) and returns [sq, b, heads x d]. Causal unless an explicit
     mask is given; a megatron-core mask marks *masked* positions with True. On GPU, torch picks
-    the flash / memory-efficient kernels.
+    the flash / memory-efficient kernels. With context parallelism, causal only
+    (``context_parallel_attention``).
     """
 
     def __init__(
@@ -34,15 +150,11 @@ class SDPAttention(MegatronModule):
         pg_collection: Optional[ProcessGroupCollection] = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "context parallelism needs Transformer Engine's attention; install "
-                "transformer-engine (the [gpu] extra or the NGC image) or set "
-                "parallel.context_parallel=1"
-            )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(
+                required_pgs=["tp", "cp"])
         tp = pg_collection.tp.size()
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         self.attn_mask_type = attn_mask_type
         self.heads_per_partition = divide(config.num_attention_heads, tp)
         self.groups_per_partition = divide(config.num_query_groups, tp)
@@ -62,6 +174,14 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
         sq, b = query.shape[0], query.shape[1]
+        dropout = self.dropout_p if self.training else 0.0
+        if self.cp_group is not None:
+            if attention_mask is not None:  # the layout rules refuse reset_attention_mask + CP
+                raise ValueError("SDPAttention with context parallelism is causal only; it takes "
+                                 "no attention mask")
+            out = context_parallel_attention(query, key, value, self.cp_group,
+                                             self.softmax_scale, dropout)
+            return out.reshape(sq, b, -1)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask = None
@@ -73,7 +193,7 @@ class SDPAttention(MegatronModule):
             k,
             v,
             attn_mask=mask,
-            dropout_p=self.dropout_p if self.training else 0.0,
+            dropout_p=dropout,
             is_causal=causal,
             scale=self.softmax_scale,
             enable_gqa=self.groups_per_partition != self.heads_per_partition,

@@ -24,7 +24,6 @@ def initialize(cfg: TrainConfig, seed: int) -> None:
     """Initializes torch.distributed (torchrun's env, or a single local process), checks the
     layout against the world size (megatron_geno.layout), then builds megatron-core's groups."""
     from megatron_geno.layout import validate_layout
-    from megatron_geno.model import use_transformer_engine
 
     platform.activate()
     if not torch.distributed.is_initialized():
@@ -38,7 +37,7 @@ def initialize(cfg: TrainConfig, seed: int) -> None:
             **({} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}",
                                     "rank": 0, "world_size": 1}),
         )
-    validate_layout(cfg, torch.distributed.get_world_size(), use_transformer_engine(cfg.model))
+    validate_layout(cfg, torch.distributed.get_world_size())
     parallel = cfg.parallel
     etp = parallel.expert_tp()
     if not parallel_state.model_parallel_is_initialized():

@@ -10,15 +10,16 @@ class LayoutError(ConfigError):
     """A parallel layout that cannot run; the message names every rule broken, with its numbers."""
 
 
-def layout_violations(cfg: TrainConfig, world_size: int, have_te: bool) -> list[str]:
+def layout_violations(cfg: TrainConfig, world_size: int) -> list[str]:
     """Every rule the layout breaks, each with the numbers at fault (empty: it can run).
 
     Rules: world size divisible by TP x PP x CP (the rest is DP); EP x expert-TP divides
     TP x CP x DP and experts divide by EP; heads and query groups divisible by TP; MoE with TP > 1
     uses sequence parallelism; layers divisible by PP x virtual stages, which need PP > 1 and
     micro-batches per step divisible by PP; sequence length divisible by 2 x CP (x TP with
-    sequence parallelism); global batch divisible by micro batch x DP; context parallelism needs
-    Transformer Engine (have_te: importable where the job runs, with CUDA).
+    sequence parallelism); global batch divisible by micro batch x DP; context parallelism with
+    causal attention only (no per-document attention mask). Context parallelism runs on either
+    attention (megatron_geno.attention without Transformer Engine), so no rule asks for TE.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
     tp, pp, cp, ep, etp, vp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
@@ -66,18 +67,17 @@ def layout_violations(cfg: TrainConfig, world_size: int, have_te: bool) -> list[
             faults.append(f"{vp} virtual pipeline stages need micro-batches per step ({micro} = "
                           f"global batch {d.global_batch_size} / (micro batch "
                           f"{d.micro_batch_size} x DP {dp})) divisible by PP = {pp}")
-    if cp > 1 and (m.attention_backend == "sdpa" or not have_te):
-        reason = ("model.attention_backend=sdpa" if m.attention_backend == "sdpa"
-                  else "Transformer Engine is not available where the job runs")
-        faults.append(f"CP = {cp} needs Transformer Engine's attention, but {reason}; run in "
-                      f"the project's GPU image (geno-launch --container IMAGE, see docker/), "
-                      f"install the [gpu] extra, or set parallel.context_parallel=1")
+    if cp > 1 and d.reset_attention_mask:
+        faults.append(f"data.reset_attention_mask (no attention across documents) does not run "
+                      f"with CP = {cp}: context-parallel attention is causal over the whole "
+                      f"sequence; set data.reset_attention_mask=false or "
+                      f"parallel.context_parallel=1")
     return faults
 
 
-def validate_layout(cfg: TrainConfig, world_size: int, have_te: bool) -> tuple[int, int]:
+def validate_layout(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """Returns (DP, expert DP); LayoutError listing every violation when the layout cannot run."""
-    faults = layout_violations(cfg, world_size, have_te)
+    faults = layout_violations(cfg, world_size)
     if faults:
         raise LayoutError("; ".join(faults))
     p = cfg.parallel

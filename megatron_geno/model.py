@@ -102,6 +102,20 @@ def recompute_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
             "recompute_num_layers": model.recompute_layers}
 
 
+def router_loss_ranks(parallel: ParallelConfig) -> int:
+    """The ranks one micro-batch's router tokens are split over (TP with sequence parallelism,
+    x CP): the factor megatron-core 0.16.1's per-token loss leaves out of the router's losses.
+
+    With ``calculate_per_token_loss`` its router scales the aux and z losses by this rank's token
+    count (router.py, attach_and_log_load_balancing_loss / apply_z_loss), while the loss and the
+    gradients are divided by the token count summed over DP x CP only; each rank's share is then
+    1 / (TP x CP) of what it is at TP = CP = 1 (measured: TP2 and CP2 losses 6.5e-4 off by step
+    5, 1e-7 with the coefficients multiplied by this). Without per-token loss megatron-core
+    applies the same factor itself (the schedule's ``cp_group_size`` loss scale)."""
+    sp_tp = parallel.tensor_parallel if parallel.sequence_parallel else 1
+    return sp_tp * parallel.context_parallel
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
 ) -> TransformerConfig:
@@ -132,8 +146,8 @@ def transformer_config(
         moe_router_topk=model.moe_router_topk,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
         moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-        moe_z_loss_coeff=model.moe_z_loss_coeff,
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff * router_loss_ranks(parallel),
+        moe_z_loss_coeff=model.moe_z_loss_coeff * router_loss_ranks(parallel),
         moe_router_pre_softmax=model.moe_router_pre_softmax,
         moe_router_dtype="fp32",
         moe_token_dispatcher_type=dispatcher,
@@ -160,6 +174,10 @@ def transformer_config(
         **recompute_settings(model, parallel),
         persist_layer_norm=False,
         deallocate_pipeline_outputs=True,
+        # the loss is a sum over tokens, divided once by the global batch's token count (over DP
+        # x CP, in finalize_model_grads): exact when loss masks leave CP ranks or micro-batches
+        # uneven, where a mean per micro-batch would weight their tokens unequally
+        calculate_per_token_loss=True,
     )
 
 

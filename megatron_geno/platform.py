@@ -13,6 +13,7 @@ activation (``check_patched_targets``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -45,7 +46,7 @@ class CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # distrib_optimizer accepts only 'torch.cuda.*Tensor' parameters
@@ -53,6 +54,8 @@ class CudaToCpuMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(name, name)
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # pinned host memory needs an accelerator (RoPE's CP slice)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
@@ -66,6 +69,16 @@ def _cpu_rng_set(new_state, device=-1, graph_safe=False):
     torch.set_rng_state(new_state)
 
 
+def in_backward():
+    """A context for megatron-core code that runs inside autograd's backward (recomputation,
+    gathers of the CP attention): the CPU mode when this layer is active, else nothing. The
+    autograd engine does not carry Python torch-function modes into backward."""
+    if _ACTIVE_MODE is None or any(isinstance(m, CudaToCpuMode)
+                                   for m in torch.overrides._get_current_function_mode_stack()):
+        return contextlib.nullcontext()
+    return CudaToCpuMode()
+
+
 def _recompute_on_cpu_too() -> None:
     """Runs activation recomputation (megatron-core's CheckpointFunction.backward) under the
     CPU mode: the autograd engine does not carry Python torch-function modes into backward, so
@@ -77,10 +90,7 @@ def _recompute_on_cpu_too() -> None:
         return
 
     def backward(ctx, *grads):
-        if any(isinstance(m, CudaToCpuMode)
-               for m in torch.overrides._get_current_function_mode_stack()):
-            return original(ctx, *grads)
-        with CudaToCpuMode():
+        with in_backward():
             return original(ctx, *grads)
 
     backward._geno_patched = True

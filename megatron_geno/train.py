@@ -17,6 +17,7 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_geno import compat, distributed
 from megatron_geno.checkpointing import (
@@ -72,7 +73,9 @@ def loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    # this context-parallel rank's chunks r and 2CP-1-r of every tensor (the query rows of an
+    # attention mask), cut on the host before the copy; the whole batch at CP = 1
+    batch = get_batch_on_this_cp_rank(next(data_iterator))
     mask = batch.get("attention_mask")  # only with data.reset_attention_mask
     output = model(batch["tokens"].to(_device()), batch["position_ids"].to(_device()),
                    None if mask is None else mask.to(_device()), labels=batch["labels"].to(_device()))
@@ -84,12 +87,14 @@ def _device() -> torch.device:
 
 
 def reduce_loss(outputs: list[dict]) -> float:
-    """Returns the token-mean loss of a global batch, known on every rank."""
+    """Returns the token-mean loss of a global batch, known on every rank: each rank's sums
+    over its micro-batches (and, with CP, its sequence chunks) added over DP x CP."""
     totals = torch.zeros(2, device=_device())
     if parallel_state.is_pipeline_last_stage():
         for out in outputs:
             totals += out["lm loss"].to(totals.device)
-    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(
+        totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
     return float(totals[0] / totals[1].clamp(min=1))
 

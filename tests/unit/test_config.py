@@ -51,14 +51,14 @@ def test_layout_rules_live_in_the_layout_validator_alone():
     cfg = load_config(None, ["parallel.pipeline_parallel=3", "parallel.expert_parallel=3",
                              "data.global_batch_size=7"])
     with pytest.raises(LayoutError) as err:
-        validate_layout(cfg, 9, have_te=False)
+        validate_layout(cfg, 9)
     message = str(err.value)
     for part in ("2 layers are not divisible by PP = 3", "8 experts are not divisible by EP = 3",
                  "global batch 7 is not divisible by micro batch x DP = 2 x 3 = 6"):
         assert part in message, message
     cfg = load_config(None, ["model.num_layers=4", "parallel.pipeline_parallel=2",
                              "parallel.virtual_pipeline=2"])
-    assert validate_layout(cfg, 2, have_te=False) == (1, 1)
+    assert validate_layout(cfg, 2) == (1, 1)
     assert cfg.parallel.virtual_pipeline_size() == 2
     assert load_config(None, []).parallel.virtual_pipeline_size() is None
 

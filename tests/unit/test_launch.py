@@ -56,25 +56,27 @@ def layout(overrides: list[str]):
 ])
 def test_each_rule_rejects_a_bad_layout_with_its_numbers(overrides, world, message):
     with pytest.raises(LayoutError) as err:
-        validate_layout(layout(overrides), world, have_te=True)
+        validate_layout(layout(overrides), world)
     assert message in str(err.value)
 
 
-def test_context_parallelism_needs_transformer_engine():
-    c = load_config(None, BASE + ["parallel.context_parallel=2"])
-    validate_layout(c, 8, have_te=True)
-    with pytest.raises(LayoutError, match="CP = 2 needs Transformer Engine"):
-        validate_layout(c, 8, have_te=False)
-    c = load_config(None, BASE + ["parallel.context_parallel=2", "model.attention_backend=sdpa"])
-    with pytest.raises(LayoutError, match="attention_backend=sdpa"):
-        validate_layout(c, 8, have_te=True)
+def test_context_parallelism_runs_without_transformer_engine_but_not_with_document_masks():
+    """CP is a layout of the local SDPA attention too (megatron_geno.attention); what it cannot
+    run is a per-document attention mask, refused naming both settings."""
+    for backend in ("auto", "sdpa"):
+        c = load_config(None, BASE + ["parallel.context_parallel=2",
+                                      f"model.attention_backend={backend}"])
+        assert validate_layout(c, 8) == (4, 8)
+    c = load_config(None, BASE + ["parallel.context_parallel=2", "data.reset_attention_mask=true"])
+    with pytest.raises(LayoutError, match="data.reset_attention_mask .* does not run with CP = 2"):
+        validate_layout(c, 8)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
 def test_published_layouts_pass_with_the_derived_numbers(recipe):
     c, launch, _ = load_recipe(recipe, [])
     nodes = 64 if "10b" in recipe else 16  # 512 / 128 GPUs: a multiple of every phase's TPxPPxCP
-    result = plan(c, nodes * 8, have_te=True, token_budget=launch.token_budget)
+    result = plan(c, nodes * 8, token_budget=launch.token_budget)
     p = c.parallel
     assert result.data_parallel * p.tensor_parallel * p.pipeline_parallel * p.context_parallel \
         == nodes * 8
@@ -100,8 +102,8 @@ def test_recipe_micro_batch_is_the_largest_the_plan_fits(recipe):
     c, _, _ = load_recipe(recipe, [])
     p = c.parallel
     world = RECIPE_DATA_PARALLEL * p.tensor_parallel * p.pipeline_parallel * p.context_parallel
-    assert largest_micro_batch(c, world, have_te=True) == c.data.micro_batch_size
-    result = plan(c, world, have_te=True, token_budget=None)
+    assert largest_micro_batch(c, world) == c.data.micro_batch_size
+    result = plan(c, world, token_budget=None)
     assert fits(result.memory, GPU_MEMORY_GIB) and result.largest_micro_batch == \
         c.data.micro_batch_size
 
@@ -150,7 +152,7 @@ def test_memory_estimate_shrinks_with_model_parallelism():
 def test_virtual_stages_pass_and_hold_more_activations_in_flight():
     pp = BASE + ["parallel.pipeline_parallel=4"]
     plain, virtual = load_config(None, pp), load_config(None, pp + ["parallel.virtual_pipeline=3"])
-    validate_layout(virtual, 8, have_te=True)
+    validate_layout(virtual, 8)
     a, b = memory_per_gpu(plain, 2, 2), memory_per_gpu(virtual, 2, 2)
     # interleaved 1F1B: 1 + (PP - 1) / (PP x V) = 1.25 times the activations of plain 1F1B
     assert b["activations (estimate)"] == pytest.approx(1.25 * a["activations (estimate)"])
@@ -166,11 +168,11 @@ def test_cli_dry_run_prints_the_plan_and_bad_layouts_exit_2(capsys, tmp_path):
     assert "sbatch --nodes=4 --gpus-per-node=8" in out  # several nodes: a SLURM job
     assert "--export=ALL,PYTHON=python3,GENO_CONTAINER=nvcr.io/lab/geno:1" in out
     written = sorted(p.name for p in (tmp_path / "run" / "launch").iterdir())
-    # CP = 2 without the image: Transformer Engine is checked where the job runs (here: absent)
-    other = f"logging.run_dir={tmp_path / 'refused'}"
+    # CP = 2 without the image (no Transformer Engine here): the local attention runs CP
     assert main(["--recipe", "genos-10b-8k", "--nodes", "4", "--gpus-per-node", "8",
-                 "--dry-run", other]) == 2
-    assert "--container IMAGE" in capsys.readouterr().err
+                 "--dry-run", f"logging.run_dir={tmp_path / 'no_te'}"]) == 0
+    assert "CP 2 x DP 4 = 32 GPUs" in capsys.readouterr().out
+    other = f"logging.run_dir={tmp_path / 'refused'}"
     assert main(["--recipe", "genos-10b-8k", "--nodes", "1", "--gpus-per-node", "4",
                  "--dry-run", "--slurm", "--container", "x", other]) == 2
     assert written == ["genos-10b-8k.yaml"] and not (tmp_path / "refused").exists()

@@ -48,9 +48,21 @@ def test_sdpa_explicit_mask_means_masked_out(groups):
     torch.testing.assert_close(attn(q, k, v, causal), attn(q, k, v, None))
 
 
-def test_sdpa_refuses_context_parallel():
-    with pytest.raises(ValueError, match="Transformer Engine"):
-        SDPAttention(_config(context_parallel_size=2), 1, AttnMaskType.causal, "self")
+def test_rope_table_is_sliced_per_context_parallel_rank_on_cpu(groups):
+    """megatron-core's RoPE slice for a CP rank (rope_utils.get_pos_emb_on_this_cp_rank) pins
+    host memory, which needs an accelerator; through the CPU layer it runs and rank r gets the
+    angles of chunks r and 2CP-1-r, the positions megatron-core's batch split gives it."""
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    class Group:
+        def __init__(self, size, rank):
+            self.size, self.rank = (lambda: size), (lambda: rank)
+
+    table = torch.arange(16.0)[:, None, None, None]  # [s, 1, 1, d]: angle = position
+    for rank, chunks in ((0, [0, 7]), (1, [1, 6]), (3, [3, 4])):
+        local = get_pos_emb_on_this_cp_rank(table, 0, Group(4, rank))
+        expected = [2 * c + i for c in chunks for i in range(2)]
+        assert local.flatten().tolist() == expected
 
 
 def test_rmsnorm_matches_torch_and_marks_sequence_parallel():
