@@ -84,6 +84,18 @@ def layer_activations(m: ModelConfig, seq: float, batch: int,
     return result
 
 
+def context_parallel_gather(m: ModelConfig, seq_length: int, batch: int, tp: int,
+                            cp: int) -> float:
+    """Bytes of the largest transient of context-parallel attention (bf16), for one layer at a
+    time: in backward, the whole sequence's K and V gathered again over the CP group (this
+    GPU's query groups, s x b x groups / TP x head dim each) and their gradients before the
+    reduce-scatter; the forward holds half of it. Nothing of it is kept between layers
+    (megatron_geno.attention keeps only this rank's chunks for backward); 0 without CP."""
+    if cp == 1:
+        return 0.0
+    return 4 * 2 * seq_length * batch * (m.num_query_groups // tp) * m.head_dim()
+
+
 def outside_layers_activations(m: ModelConfig, seq: float, batch: int, vocab: int) -> float:
     """Bytes kept for backward outside the layers (as ``layer_activations``): final norm, output
     layer input, fp32 logits for the loss, token ids; fused, RoPE's fp32 angles (per position)."""
@@ -104,7 +116,8 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     the recomputed modules' share. Backward working memory: the largest transient of one
     layer's backward, the gradient of the experts' fc1 output and the bf16 weight gradient of
     one layer's fc1 experts (benchmarks/memory_plan.py compares with the peak torch's memory
-    profiler measures on CPU). Not included: the CUDA context, NCCL and cuBLAS workspaces and
+    profiler measures on CPU); with CP, one layer's gathered K/V and their gradients
+    (``context_parallel_gather``). Not included: the CUDA context, NCCL and cuBLAS workspaces and
     the caching allocator's fragmentation; ``fits`` leaves room for them.
     """
     m, p, d = cfg.model, cfg.parallel, cfg.data
@@ -140,10 +153,14 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     fc1_out = 2 * m.moe_ffn_hidden_size
     working = (2 * m.moe_router_topk * fc1_out / etp * tokens
                + 2 * m.num_experts / ep * fc1_out / etp * m.hidden_size)
-    return {"parameters (bf16)": 2 * params, "gradients (fp32)": 4 * params,
-            "optimizer (fp32 master + Adam, sharded)": 12 * optimizer_shards,
-            "activations (estimate)": activations,
-            "backward working memory (estimate)": working}
+    memory = {"parameters (bf16)": 2 * params, "gradients (fp32)": 4 * params,
+              "optimizer (fp32 master + Adam, sharded)": 12 * optimizer_shards,
+              "activations (estimate)": activations,
+              "backward working memory (estimate)": working}
+    if cp > 1:
+        memory["context-parallel K/V gather (one layer)"] = context_parallel_gather(
+            m, d.seq_length, batch, tp, cp)
+    return memory
 
 
 def fits(memory: dict[str, float], gpu_gib: float) -> bool:

@@ -50,6 +50,28 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                           scale=scale, enable_gqa=gqa)
 
 
+def flash_refusal(heads: int, groups: int, head_dim: int, dtype: torch.dtype,
+                  device: torch.device) -> Optional[str]:
+    """Why torch's flash attention would not run a context-parallel query chunk (``heads``
+    query heads over ``groups`` key/value groups of ``head_dim``, in ``dtype``) on ``device``;
+    None when it would. Elsewhere ``causal_lower_right`` falls back to efficient attention
+    (no GQA) or to a materialised S x S mask, silently: at 128K+ that is no fallback at all."""
+    import warnings
+
+    from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+    q = torch.empty(1, heads, 128, head_dim, dtype=dtype, device=device)
+    kv = torch.empty(1, groups, 256, head_dim, dtype=dtype, device=device)
+    with warnings.catch_warnings(record=True) as reasons:
+        warnings.simplefilter("always")
+        ok = can_use_flash_attention(SDPAParams(q, kv, kv, None, 0.0, False, heads != groups),
+                                     True)
+    if ok:
+        return None
+    return "; ".join(str(w.message).strip() for w in reasons) or \
+        f"torch {torch.__version__} has no flash attention for {device}"
+
+
 def global_chunk_order(cp: int) -> torch.Tensor:
     """For global chunks 0..2CP-1, their positions in a CP all-gather (rank r contributes its
     chunks r and 2CP-1-r, in that order, at positions 2r and 2r+1)."""

@@ -46,13 +46,20 @@ class ExpertLoad:
         self.counts[layer] = self.counts.get(layer, 0) + counts
 
     def fractions(self) -> dict[str, list[float]]:
-        """Returns {layer: fraction of routed tokens per expert} (local to this rank) and resets."""
-        out = {}
-        for layer, counts in sorted(self.counts.items()):
-            total = counts.sum().clamp(min=1)
-            out[str(layer)] = [round(float(x), 4) for x in counts / total]
+        """Returns {layer: fraction of routed tokens per expert} and resets: the tokens of every
+        rank of this pipeline stage (TP with sequence parallelism x DP x CP each route their
+        own). A collective: every rank of the stage calls it."""
+        from megatron.core import parallel_state
+
+        if not self.counts:
+            return {}
+        layers = sorted(self.counts)
+        counts = torch.stack([self.counts[layer] for layer in layers])
+        group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        torch.distributed.all_reduce(counts, group=group)
+        shares = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1)).tolist()
         self.counts = {}
-        return out
+        return {str(layer): [round(x, 4) for x in row] for layer, row in zip(layers, shares)}
 
 
 class MetricsWriter:

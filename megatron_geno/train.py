@@ -20,6 +20,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from megatron_geno import compat, distributed
+from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
     TrainState,
     checkpoint_vocab,
@@ -135,6 +136,24 @@ def with_padded_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
     return dataclasses.replace(cfg, model=dataclasses.replace(model, padded_vocab_size=padded))
 
 
+def check_context_parallel_kernel(cfg: TrainConfig) -> None:
+    """On a GPU, context parallelism on the local attention runs only where torch's flash
+    kernel takes its query chunks (dtype, head dim, GQA); a ConfigError naming why otherwise."""
+    m, p = cfg.model, cfg.parallel
+    if p.context_parallel == 1 or not torch.cuda.is_available() or use_transformer_engine(m):
+        return
+    dtype = resolve_precision(cfg.precision)
+    heads, groups = (m.num_attention_heads // p.tensor_parallel,
+                     m.num_query_groups // p.tensor_parallel)
+    why = flash_refusal(heads, groups, m.head_dim(), dtype, _device())
+    if why:
+        raise ConfigError(f"parallel.context_parallel={p.context_parallel} on the local attention "
+                          f"needs torch's flash attention for {heads} heads over {groups} "
+                          f"key/value groups of dim {m.head_dim()} in {dtype}, and it refuses "
+                          f"them here ({why}); use precision=bf16 or the TE spec "
+                          f"(model.attention_backend=te)")
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Trains per cfg and returns the logged records (also written to RUN_DIR/metrics.jsonl)."""
     return TrainingRun(cfg).run()
@@ -147,6 +166,7 @@ class TrainingRun:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg = resume_target(cfg)
         distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
+        check_context_parallel_kernel(cfg)
         self.rank0 = distributed.rank() == 0
         self.run_dir = Path(cfg.logging.run_dir)
         tokenizer = build_tokenizer(cfg.data.tokenizer)

@@ -22,7 +22,8 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     try:
         fn(rank, world, *args)
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():  # fn may have torn its groups down itself
+            torch.distributed.destroy_process_group()
 
 
 def run_on_ranks(fn, world: int, *args) -> None:

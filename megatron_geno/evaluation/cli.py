@@ -4,9 +4,9 @@
   variants  zero-shot variant effect: log-likelihood ratio of ALT against REF windows of a VCF
   embed     per-sequence embeddings (mean and last token of one layer) of a FASTA or BED regions
 
-A Megatron checkpoint is scored at --tensor-parallel x --pipeline-parallel over the processes
-torchrun starts (the rest of the world is data parallel); an export through transformers in one
-process. Both give the same numbers.
+A Megatron checkpoint is scored at --tensor-parallel x --pipeline-parallel x --context-parallel
+over the processes torchrun starts (the rest of the world is data parallel); an export through
+transformers in one process. Both give the same numbers.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf", help="HuggingFace Mixtral export (geno-convert to-hf)")
     g.add_argument("--tensor-parallel", type=int, default=1, help="TP for --checkpoint (1)")
     g.add_argument("--pipeline-parallel", type=int, default=1, help="PP for --checkpoint (1)")
+    g.add_argument("--context-parallel", type=int, default=1,
+                   help="CP for --checkpoint (1): each window split over CP ranks, for windows "
+                   "longer than one device holds")
     g.add_argument("--no-verify-checksums", action="store_true",
                    help="skip the checkpoint's checksum check")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (8)")
@@ -118,8 +121,9 @@ def _check_outputs(args) -> None:
             raise EvalError(f"--corpus {corpus}: no manifest.json (not a finished corpus)")
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.tensor_parallel < 1 or args.pipeline_parallel < 1:
-        raise EvalError("--tensor-parallel and --pipeline-parallel must be positive")
+    if min(args.tensor_parallel, args.pipeline_parallel, args.context_parallel) < 1:
+        raise EvalError("--tensor-parallel, --pipeline-parallel and --context-parallel must be "
+                        "positive")
 
 
 def run(args) -> int:
@@ -132,7 +136,8 @@ def run(args) -> int:
 
             records = read_sequences(args.fasta, args.bed, args.reference)
         model = open_model(args.checkpoint, args.hf, args.iteration, args.tensor_parallel,
-                           args.pipeline_parallel, not args.no_verify_checksums)
+                           args.pipeline_parallel, not args.no_verify_checksums,
+                           args.context_parallel)
         import torch
 
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

@@ -27,9 +27,6 @@ class TrainingEval:
         from megatron_geno.evaluation.variants import prepare_variants
 
         e = cfg.eval
-        if cfg.parallel.context_parallel > 1:
-            raise ConfigError("eval.corpora / eval.variants do not run with context parallelism "
-                              f"(parallel.context_parallel={cfg.parallel.context_parallel})")
         if e.variants and cfg.data.tokenizer not in GENO_SPECS:
             raise ConfigError(f"eval.variants encodes windows with the built-in tokenizer; "
                               f"data.tokenizer={cfg.data.tokenizer!r} is another")

@@ -27,7 +27,10 @@ class EvalError(RuntimeError):
 
 class MegatronModel:
     """A geno-train checkpoint on megatron-core, at parallel.tensor_parallel x pipeline_parallel
-    (the rest of the world is data parallel: each data-parallel group scores its share)."""
+    x context_parallel (the rest of the world is data parallel: each data-parallel group scores
+    its share). With context parallelism each window is split as in training (megatron-core's
+    batch split: 2 x CP chunks, rank r keeps r and 2CP-1-r) and the results are put back in
+    order, so a window longer than one device holds is scored with the numbers of one process."""
 
     kind = "megatron"
 
@@ -40,12 +43,13 @@ class MegatronModel:
         self.num_layers = cfg.model.num_layers
         self.hidden_size = cfg.model.hidden_size
         self.tp = cfg.parallel.tensor_parallel
+        self.cp = cfg.parallel.context_parallel
         self.ps = parallel_state
 
     @classmethod
     def load(cls, checkpoint: str | Path, iteration: Optional[int] = None,
              tensor_parallel: int = 1, pipeline_parallel: int = 1,
-             verify_checksums: bool = True) -> "MegatronModel":
+             verify_checksums: bool = True, context_parallel: int = 1) -> "MegatronModel":
         from megatron_geno import distributed
         from megatron_geno.checkpointing import (CheckpointError, load_model_weights,
                                                  open_for_loading, resolve_checkpoint_dir,
@@ -55,7 +59,8 @@ class MegatronModel:
         from megatron_geno.tokenizer import VOCAB_SIZE, soft_mask_of_spec
 
         parallel = ParallelConfig(tensor_parallel=tensor_parallel,
-                                  pipeline_parallel=pipeline_parallel)
+                                  pipeline_parallel=pipeline_parallel,
+                                  context_parallel=context_parallel)
         try:
             # the process groups first: the checkpoint checks share work across ranks
             distributed.initialize(TrainConfig(parallel=parallel, precision="fp32"), seed=0)
@@ -100,8 +105,8 @@ class MegatronModel:
 
     def _padded(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens padded at the end (causal: earlier positions do not see it) to a multiple of TP
-        (sequence parallelism splits the sequence over TP ranks)."""
-        extra = -tokens.shape[1] % self.tp
+        (sequence parallelism splits the sequence over TP ranks) x 2 CP (CP's chunks)."""
+        extra = -tokens.shape[1] % (self.tp * (2 * self.cp if self.cp > 1 else 1))
         if not extra:
             return tokens
         return torch.cat([tokens, torch.full((tokens.shape[0], extra), PAD, dtype=tokens.dtype)], 1)
@@ -113,9 +118,12 @@ class MegatronModel:
 
         from megatron_geno.train import _device
 
-        batch = {"tokens": inputs.to(_device()),
-                 "position_ids": torch.arange(inputs.shape[1])[None].expand_as(inputs).to(_device()),
-                 "labels": None if labels is None else labels.to(_device())}
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        batch = get_batch_on_this_cp_rank({
+            "tokens": inputs, "position_ids": torch.arange(inputs.shape[1])[None].expand_as(inputs),
+            "labels": labels})
+        batch = {k: None if v is None else v.to(_device()) for k, v in batch.items()}
 
         def forward_step(data_iterator, model):
             data = next(data_iterator)
@@ -133,7 +141,7 @@ class MegatronModel:
             return None
         result = torch.empty(inputs.shape, dtype=torch.float32, device=_device())
         if self.ps.is_pipeline_last_stage():
-            result.copy_(out[0].float())
+            result.copy_(self._whole_sequence(out[0].float(), dim=1))
         if self.ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.broadcast(result, src=self.ps.get_pipeline_model_parallel_last_rank(),
                                         group=self.ps.get_pipeline_model_parallel_group())
@@ -167,10 +175,21 @@ class MegatronModel:
             self._run(self._padded(tokens), None, capture=True)
         finally:
             handle.remove()
-        h = captured["h"]  # [s / TP, b, h] with sequence parallelism
+        h = captured["h"]  # [s / (TP x CP), b, h] with sequence and context parallelism
         if self.tp > 1 and self.cfg.parallel.sequence_parallel:
             h = tensor_parallel.gather_from_sequence_parallel_region(h, False)
-        return h.transpose(0, 1)[:, :n].float().cpu()
+        return self._whole_sequence(h, dim=0).transpose(0, 1)[:, :n].float().cpu()
+
+    def _whole_sequence(self, local: torch.Tensor, dim: int) -> torch.Tensor:
+        """This CP rank's chunks of the sequence axis ``dim`` gathered from every CP rank, in
+        sequence order (the whole tensor at CP = 1)."""
+        if self.cp == 1:
+            return local
+        from megatron_geno.attention import gather_global
+
+        with torch.no_grad():
+            moved = local.movedim(dim, 0).contiguous()
+            return gather_global(moved, self.ps.get_context_parallel_group()).movedim(0, dim)
 
 
 class HFModel:
@@ -230,18 +249,20 @@ class HFModel:
 
 def open_model(checkpoint: Optional[str] = None, hf: Optional[str] = None,
                iteration: Optional[int] = None, tensor_parallel: int = 1,
-               pipeline_parallel: int = 1, verify_checksums: bool = True):
+               pipeline_parallel: int = 1, verify_checksums: bool = True,
+               context_parallel: int = 1):
     """The model to score: --checkpoint (Megatron) or --hf (transformers), exactly one."""
     if (checkpoint is None) == (hf is None):
         raise EvalError("give exactly one of --checkpoint (a geno-train checkpoint) and --hf "
                         "(a HuggingFace export)")
     if hf is not None:
-        if tensor_parallel != 1 or pipeline_parallel != 1 or iteration is not None:
-            raise EvalError("--tensor-parallel, --pipeline-parallel and --iteration apply to "
-                            "--checkpoint only")
+        if (tensor_parallel != 1 or pipeline_parallel != 1 or context_parallel != 1
+                or iteration is not None):
+            raise EvalError("--tensor-parallel, --pipeline-parallel, --context-parallel and "
+                            "--iteration apply to --checkpoint only")
         return HFModel(hf)
     return MegatronModel.load(checkpoint, iteration, tensor_parallel, pipeline_parallel,
-                              verify_checksums)
+                              verify_checksums, context_parallel)
 
 
 def for_each_batch(model, count: int, make, use, progress=None, compute=None) -> None:

@@ -110,6 +110,7 @@ def test_loss_is_the_same_from_every_layout_and_the_export(env):
     for name, args, nproc in (("megatron", ["--checkpoint", env["ckpt"]], 1),
                               ("tp2", ["--checkpoint", env["ckpt"], "--tensor-parallel", 2], 2),
                               ("pp2", ["--checkpoint", env["ckpt"], "--pipeline-parallel", 2], 2),
+                              ("cp2", ["--checkpoint", env["ckpt"], "--context-parallel", 2], 2),
                               ("hf", ["--hf", env["hf"]], 1)):
         out = env["root"] / f"loss_{name}.json"
         proc = geno_eval("loss", *args, "--corpus", env["corpus"], "--window", 128,
@@ -121,7 +122,7 @@ def test_loss_is_the_same_from_every_layout_and_the_export(env):
     # 2 held-out contigs of 2,000 bases per assembly: every token but each document's first
     assert [r["tokens"] for r in ref["assemblies"]] == [2 * 1999, 2 * 1999]
     assert ref["total"]["loss"] < math.log(4) - 0.1  # it learned something of the chain
-    for name in ("tp2", "pp2", "hf"):
+    for name in ("tp2", "pp2", "cp2", "hf"):
         for a, b in zip(results[name]["assemblies"], ref["assemblies"]):
             assert a["tokens"] == b["tokens"]
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * b["loss"], (name, a, b)
@@ -281,6 +282,10 @@ def test_embeddings_agree_across_forms_and_pool_as_stated(env, tmp_path):
     assert list(group["names"][:]) == ["short", "long"]
     np.testing.assert_allclose(group["mean"][:], hf[:, 0], atol=1e-4)
     np.testing.assert_allclose(group["last"][:], hf[:, 1], atol=1e-4)
+    # context parallelism: each window's hidden states put back in order from 2 ranks
+    geno_eval("embed", "--checkpoint", env["ckpt"], "--context-parallel", 2, "--fasta", fasta,
+              "--window", 128, "--layer", 1, "--out", tmp_path / "cp.npy", nproc=2)
+    np.testing.assert_allclose(np.load(tmp_path / "cp.npy"), hf, atol=1e-4)
     # the stated pooling, computed here: windows of 128 run alone, mean over all tokens
     model = MixtralForCausalLM.from_pretrained(str(env["hf"]), dtype=torch.float32).eval()
     ids = torch.tensor([[5 + BASES.index(b) for b in seqs["long"]]])

@@ -176,3 +176,23 @@ def test_context_parallel_attention_matches_one_process(world):
 @pytest.mark.parametrize("hooks", [True, False])
 def test_gathered_keys_and_values_are_not_kept_for_backward(hooks):
     run_on_ranks(_gathered_kv_on_rank, 2, hooks)
+
+
+def test_a_gpu_run_refuses_chunks_flash_attention_will_not_take(monkeypatch):
+    """On a GPU, CP on the local attention checks at start-up that torch's flash kernel takes
+    the query chunks (else torch would materialise an S x S mask) and refuses in one line."""
+    from megatron_geno import train
+    from megatron_geno.config import ConfigError, load_config
+
+    assert attention.flash_refusal(4, 2, 16, torch.float32, torch.device("cpu"))  # a reason
+    asked = []
+    monkeypatch.setattr(train, "flash_refusal", lambda *a: asked.append(a) or "head dim 512")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train, "_device", lambda: torch.device("cpu"))
+    train.check_context_parallel_kernel(load_config(None, ["model.preset=genos-10b"]))
+    assert asked == []  # CP = 1: nothing to check
+    cfg = load_config(None, ["model.preset=genos-10b", "parallel.context_parallel=2",
+                             "parallel.tensor_parallel=2", "model.attention_backend=sdpa"])
+    with pytest.raises(ConfigError, match="needs torch's flash attention for 8 heads over 4 "
+                                          "key/value groups of dim 256 .*head dim 512"):
+        train.check_context_parallel_kernel(cfg)

@@ -210,3 +210,22 @@ def test_recipe_warmup_follows_an_overridden_schedule():
     assert cfg.schedule.train_iters == 10 and cfg.schedule.warmup_iters == 1
     cfg, launch, _ = load_recipe("genos-1.2b-8k", [])
     assert cfg.schedule.warmup_iters == round(launch.warmup_fraction * cfg.schedule.train_iters)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in RECIPE_DIR.glob("*.yaml")))
+def test_every_recipe_dry_runs_on_its_nodes_without_transformer_engine(recipe, capsys, tmp_path):
+    """The SLURM dry run of each shipped recipe at DP 8 validates and fits with no
+    Transformer Engine where geno-launch runs (this machine) and no --container: context
+    parallelism runs on the local attention (e.g. genos-1.2b-1m on 32 nodes x 8 GPUs)."""
+    import importlib.util
+
+    assert importlib.util.find_spec("transformer_engine") is None  # what the test is about
+    c, _, _ = load_recipe(recipe, [])
+    p = c.parallel
+    world = RECIPE_DATA_PARALLEL * p.tensor_parallel * p.pipeline_parallel * p.context_parallel
+    assert main(["--recipe", recipe, "--nodes", str(world // 8), "--gpus-per-node", "8",
+                 "--slurm", "--dry-run", f"logging.run_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert f"CP {p.context_parallel} x DP 8 = {world} GPUs" in out and "\nfits       in" in out
+    if p.context_parallel > 1:
+        assert "context-parallel K/V gather (one layer)" in out
