@@ -5,6 +5,8 @@
 # OUT/site with --no-index, then runs tests/gpu, the throughput rows of the GPU-throughput goals
 # (and beside them for genos-1.2b at 8K: the recipe's micro batch, or the largest the memory plan
 # fits on this GPU; the old path: SequentialMLP, eager elementwise work, torch's default AdamW),
+# one context-parallel rank of the 32K, 128K and 1M phases alone (benchmarks/cp_attention.py:
+# time, MFU of the attention, peak memory, difference from whole-sequence flash attention at 32K),
 # a profiler top-20 table and peak memory beside the memory plan's estimate, and prints one
 # dated markdown block for docs/benchmarks.md (also written to OUT/block.md; OUT/partial.md
 # gets each result as it comes, for a run cut short). With Transformer Engine importable it also
@@ -87,6 +89,15 @@ for row in "${ROWS[@]}"; do
     TABLE+="$row_md"$'\n'
     echo "$row_md ($(( $(date +%s) - START )) s)" >> "$PARTIAL"
 done
+step "context-parallel attention"
+if [ "${SMOKE:-0}" = 1 ]; then
+    CP_ROWS=(--emulate 2048:2 --emulate 8192:8)
+else  # one rank of the genos-1.2b 32K, 128K and 1M phases (CP 2, 8, 32)
+    CP_ROWS=(--emulate 32768:2 --emulate 131072:8 --emulate 1048576:32)
+fi
+CP_TABLE=$("$PY" benchmarks/cp_attention.py "${CP_ROWS[@]}" 2>>"$LOG") \
+    || CP_TABLE="(benchmarks/cp_attention.py ${CP_ROWS[*]} failed: see suite.log)"
+echo "$CP_TABLE" >> "$PARTIAL"
 step "profile"
 PROFILE_OUT=$("$PY" benchmarks/profile_step.py "${PROFILE[@]}" 2>>"$LOG")
 ELAPSED=$(( $(date +%s) - START ))
@@ -104,6 +115,10 @@ TE=$("$PY" -c "import transformer_engine" >/dev/null 2>&1 && echo "Transformer E
     echo "| run (train_throughput.py) | tokens/s | TFLOP/s per device | MFU | peak GiB | plan GiB |"
     echo "|---|---:|---:|---:|---:|---:|"
     printf "%s" "$TABLE"
+    echo
+    echo "Context parallelism (benchmarks/cp_attention.py ${CP_ROWS[*]}):"
+    echo
+    echo "$CP_TABLE"
     echo
     echo "Profile (benchmarks/profile_step.py ${PROFILE[*]}):"
     echo "$PROFILE_OUT"

@@ -135,17 +135,25 @@ def context_parallel_attention(query: torch.Tensor, key: torch.Tensor, value: to
     that order) of the CP rank r of ``group``; returns [s/CP, b, h, d] in the same order, equal
     to the rows of single-process causal attention over the whole sequence.
     """
-    cp, rank = group.size(), group.rank()
-    c = query.shape[0] // 2
     full_k, full_v = gather_global(key, group), gather_global(value, group)
     regathers = [_Regather(key, full_k, group), _Regather(value, full_v, group)]
-    outs = []
     with _KeepLocalOnly(regathers):
-        for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
-            keys = (chunk + 1) * c  # this chunk and every one before it
-            q = query[half * c:(half + 1) * c].permute(1, 2, 0, 3)
-            k, v = (t[:keys].permute(1, 2, 0, 3) for t in (full_k, full_v))
-            outs.append(causal_attention(q, k, v, scale, dropout_p))
+        return attend_chunks(query, full_k, full_v, group.rank(), group.size(), scale, dropout_p)
+
+
+def attend_chunks(query: torch.Tensor, full_k: torch.Tensor, full_v: torch.Tensor, rank: int,
+                  cp: int, scale: Optional[float] = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """CP rank ``rank``'s query chunks r and 2CP-1-r (query [s/CP, b, h, d]) over the whole
+    sequence's keys and values [s, b, g, d] (global order): [s/CP, b, h, d]. What one rank of
+    ``context_parallel_attention`` computes once K and V are gathered (benchmarks/cp_attention.py
+    runs it alone to emulate one rank of a long-context phase on one GPU)."""
+    c = query.shape[0] // 2
+    outs = []
+    for half, chunk in enumerate((rank, 2 * cp - 1 - rank)):
+        keys = (chunk + 1) * c  # this chunk and every one before it
+        q = query[half * c:(half + 1) * c].permute(1, 2, 0, 3)
+        k, v = (t[:keys].permute(1, 2, 0, 3) for t in (full_k, full_v))
+        outs.append(causal_attention(q, k, v, scale, dropout_p))
     # [b, h, c, d] x 2 -> [s/CP, b, h, d]
     return torch.cat(outs, dim=2).permute(2, 0, 1, 3)
 
