@@ -23,6 +23,7 @@ from megatron_geno import compat, fusions, platform
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_geno.experts import GroupedExperts, grouped_mm_available
+from megatron_geno.initialization import initialize_by_identity
 from megatron_geno.norm import RMSNorm
 from megatron_geno.presets import resolve_padded_vocab
 
@@ -142,6 +143,9 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
+        # megatron-core's draws depend on the layout; build_model_chunks draws every weight
+        # from the seed and its global identity instead (megatron_geno.initialization)
+        perform_initialization=False,
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
@@ -216,9 +220,12 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
+def build_model_chunks(cfg: TrainConfig, vocab_size: int,
+                       initialize: bool = True) -> list[GPTModel]:
     """Returns this pipeline stage's GPTModel chunks: one, or parallel.virtual_pipeline of them
-    (chunk v holds virtual stage v; model parallel groups must exist). They share one config."""
+    (chunk v holds virtual stage v; model parallel groups must exist). They share one config.
+    Their weights depend only on schedule.seed and each weight's global identity, whatever the
+    layout; initialize=False leaves them unset, for a caller that loads every weight next."""
     compat.patch_missing_transformer_engine()
     dtype = resolve_precision(cfg.precision)
     config = transformer_config(cfg.model, cfg.parallel, dtype)
@@ -249,6 +256,9 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
+    if initialize:
+        initialize_by_identity(chunks, cfg.schedule.seed, cfg.model.init_method_std,
+                               cfg.model.num_layers)
     return chunks
 
 

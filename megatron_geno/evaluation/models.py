@@ -77,7 +77,7 @@ class MegatronModel:
         model_cfg.fusions = "off"
         cfg = TrainConfig(model=model_cfg, parallel=parallel, precision="fp32")
         try:
-            chunks = build_model_chunks(cfg, VOCAB_SIZE)
+            chunks = build_model_chunks(cfg, VOCAB_SIZE, initialize=False)
             load_model_weights(chunks, ckpt, common)
         except (CheckpointError, ConfigError) as err:
             raise EvalError(str(err)) from None

@@ -17,13 +17,12 @@ GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "tiny_cpu_
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cp_layouts")
-    geno_train(root / "init", "schedule.train_iters=0", "schedule.warmup_iters=0",
-               f"checkpoint.save={root / 'init_ckpt'}")
-    load = [f"checkpoint.load={root / 'init_ckpt'}", "checkpoint.weights_only=true"]
-    baseline = geno_train(root / "baseline", STEPS, *load)
-    return root, load, baseline
+def single(tmp_path_factory):
+    """The single process's records (expert load included) from its own start: the golden
+    losses."""
+    records = geno_train(tmp_path_factory.mktemp("cp_single") / "run", STEPS)
+    assert_close(losses(records), GOLDEN["losses"], rtol=1e-6)
+    return records
 
 
 @pytest.mark.parametrize(
@@ -37,36 +36,27 @@ def shared(tmp_path_factory):
          "TP=1 PP=2 CP=2 EP=1 DP=1"),
         ("ep2_cp2", ["parallel.expert_parallel=2", "parallel.context_parallel=2"], 2,
          "TP=1 PP=1 CP=2 EP=2 DP=1"),
+        # the 10B recipes' layout at tiny width, on 8 processes
+        ("tp2_pp2_cp2_ep2", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
+                             "parallel.context_parallel=2", "parallel.expert_parallel=2"], 8,
+         "TP=2 PP=2 CP=2 EP=2 DP=1"),
     ],
 )
-def test_context_parallel_layout_matches_single_process(shared, name, layout, nproc, ran):
-    """5 steps from one shared initial checkpoint: the single process's losses (measured apart
-    by about 1e-7) and expert load (every rank's routed tokens counted)."""
-    root, load, baseline = shared
-    records, log = geno_train_logged(root / name, STEPS, *load, *layout, nproc=nproc)
+def test_context_parallel_layout_matches_single_process(single, tmp_path, name, layout, nproc,
+                                                        ran):
+    """5 steps from the run's own start: the single process's losses (measured apart by about
+    1e-7) and expert load (every rank's routed tokens counted)."""
+    records, log = geno_train_logged(tmp_path / name, STEPS, *layout, nproc=nproc)
     assert ran in log and "spec=local+sdpa" in log
-    assert_close(losses(records), losses(baseline), rtol=1e-5)
-    for ours, theirs in zip(records, baseline):  # rank 0's stage: both layers, or PP2's first
+    assert_close(losses(records), losses(single), rtol=1e-5)
+    for ours, theirs in zip(records, single):  # rank 0's stage: both layers, or PP2's first
         assert ours["expert_load"]
         for layer, shares in ours["expert_load"].items():
             assert shares == pytest.approx(theirs["expert_load"][layer], abs=2e-3), layer
 
 
-def test_ten_b_shaped_layout_runs_end_to_end(shared):
-    """The 10B recipes' layout (TP 2, PP 2, CP 2, EP 2) at tiny width on 8 processes: the
-    single process's losses."""
-    root, load, baseline = shared
-    records, log = geno_train_logged(
-        root / "tp2_pp2_cp2_ep2", STEPS, *load, "parallel.tensor_parallel=2",
-        "parallel.pipeline_parallel=2", "parallel.context_parallel=2",
-        "parallel.expert_parallel=2", nproc=8)
-    assert "TP=2 PP=2 CP=2 EP=2 DP=1" in log
-    assert_close(losses(records), losses(baseline), rtol=1e-5)
-
-
-def test_cp2_from_its_own_initialization_and_across_cp_sizes(tmp_path):
-    """A CP2 run from its own start gives the golden single-process losses (the model does not
-    depend on CP); saved at step 3, it continues at CP1 and at CP4 as the uninterrupted run."""
+def test_a_checkpoint_moves_across_cp_sizes(tmp_path):
+    """Saved at CP2 after step 3, it continues at CP1 and at CP4 as the uninterrupted run."""
     golden = GOLDEN["losses"]
     ck = tmp_path / "ck_cp2"
     first = geno_train(tmp_path / "cp2", STEPS, "schedule.stop_after=3",

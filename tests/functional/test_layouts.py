@@ -1,27 +1,20 @@
 """Parallel layouts on 2 CPU processes (gloo) against the TP=1/PP=1/EP=1/DP=1 run.
 
-Every run starts from one shared initial checkpoint (weights only), so all layouts begin from
-identical weights, and uses the same global batch.
+Every layout starts from its own initialization (which depends only on the seed,
+megatron_geno/initialization.py) and must give the golden single-process losses.
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
 from tests.functional.launcher import assert_close, geno_train, geno_train_logged, losses
 
 STEPS = "schedule.train_iters=5"
-
-
-@pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("layouts")
-    geno_train(root / "init", "schedule.train_iters=0", "schedule.warmup_iters=0",
-               f"checkpoint.save={root / 'init_ckpt'}")
-    load = [f"checkpoint.load={root / 'init_ckpt'}", "checkpoint.weights_only=true"]
-    baseline = losses(geno_train(root / "baseline", STEPS, *load))
-    assert len(baseline) == 5
-    return root, load, baseline
+GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "tiny_cpu_fp32.json")
+                    .read_text())
 
 
 @pytest.mark.parametrize(
@@ -34,11 +27,10 @@ def shared(tmp_path_factory):
         ("dp2", [], "TP=1 PP=1 CP=1 EP=1 DP=2"),
     ],
 )
-def test_layout_matches_single_process(shared, name, layout, ran):
-    root, load, baseline = shared
-    records, log = geno_train_logged(root / name, STEPS, *load, *layout, nproc=2)
+def test_layout_matches_single_process(tmp_path, name, layout, ran):
+    records, log = geno_train_logged(tmp_path / name, STEPS, *layout, nproc=2)
     assert ran in log  # the start-up line: the layout that actually ran, not a silent default
-    assert_close(losses(records), baseline, rtol=1e-4)
+    assert_close(losses(records), GOLDEN["losses"], rtol=1e-4)
 
 
 def test_tiny_loss_falls_below_ln4_in_100_steps(tmp_path):
