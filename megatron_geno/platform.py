@@ -41,11 +41,40 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False,
+                  inputs=None):
+    """torch.autograd.backward without its torch-function dispatch: the autograd engine, called
+    as megatron-core's schedule calls it."""
+    from torch.autograd import Variable, _make_grads, _tensor_or_tensors_to_tuple
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)),
+                        is_grads_batched=False)
+    inputs = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs or ())
+    Variable._execution_engine.run_backward(
+        tensors, grads, create_graph if retain_graph is None else retain_graph, create_graph,
+        inputs, allow_unreachable=True, accumulate_grad=True)
+
+
+def _run_tensor_backward(tensor, gradient=None, retain_graph=None, create_graph=False,
+                         inputs=None):
+    """Tensor.backward, as _run_backward."""
+    _run_backward(tensor, gradient, retain_graph, create_graph, inputs)
+
+
 class CudaToCpuMode(TorchFunctionMode):
     """Torch function mode that places every tensor meant for CUDA on the CPU instead."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            # a Python-level backward (megatron-core's recomputation calls one) would otherwise
+            # run entirely inside this handler, where the mode is off, and the collectives of
+            # its backward (sequence- and context-parallel reduce-scatters) would ask for CUDA:
+            # run the autograd engine itself with the mode on
+            run = _run_backward if func is torch.autograd.backward else _run_tensor_backward
+            with CudaToCpuMode():
+                return run(*args, **kwargs)
         if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
@@ -109,6 +138,8 @@ PATCHED_TARGETS = (
     ("torch.cpu", "Stream"),
     ("torch.cpu", "Event"),
     ("torch.cpu", "current_stream"),
+    ("torch.autograd", "_make_grads"),
+    ("torch.autograd", "_tensor_or_tensors_to_tuple"),
 )
 
 
