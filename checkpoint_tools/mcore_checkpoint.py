@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 
 from megatron_geno import checkpoint_trust as trust
-from megatron_geno.checkpointing import CheckpointError, open_for_loading, resolve_checkpoint_dir
+from megatron_geno.checkpointing import (TE_KEY_ALIASES, CheckpointError, open_for_loading,
+                                         resolve_checkpoint_dir)
 from megatron_geno.config import ModelConfig
 
 
@@ -37,8 +38,9 @@ def init_single_process() -> None:
 class McoreCheckpoint:
     path: Path
     common: dict
-    shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]]  # by the local spec's names (checkpointing.TE_KEY_ALIASES)
     dtypes: dict[str, torch.dtype]
+    stored: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> stored name
 
     @property
     def model(self) -> ModelConfig:
@@ -63,7 +65,8 @@ class McoreCheckpoint:
         if key not in self.shapes:
             raise ConversionError(f"{self.path}: tensor {key} is missing from the checkpoint")
         data = torch.empty(self.shapes[key], dtype=self.dtypes[key])
-        request = {key: ShardedTensor.from_rank_offsets(key, data, replica_id=0)}
+        stored = self.stored.get(key, key)
+        request = {key: ShardedTensor.from_rank_offsets(stored, data, replica_id=0)}
         try:
             loaded = trust.trusted_load(request, self.path, validate_access_integrity=False)
         except CheckpointError as err:
@@ -80,7 +83,8 @@ class McoreCheckpoint:
         if key not in self.shapes:
             raise ConversionError(f"{self.path}: tensor {key} is missing from the checkpoint")
         try:
-            return read_layer(self.path, key, layer, self.shapes[key], self.dtypes[key])
+            return read_layer(self.path, self.stored.get(key, key), layer, self.shapes[key],
+                              self.dtypes[key])
         except CheckpointError as err:
             raise ConversionError(f"cannot read tensor {key}: {err}") from err
         except (ValueError, RuntimeError, OSError) as err:  # DCP wraps reader errors
@@ -102,6 +106,8 @@ def open_checkpoint(path: str | Path, iteration: Optional[int] = None,
         metadata = trust.read_tensors_metadata(ckpt)
     except CheckpointError as err:
         raise ConversionError(str(err)) from err
-    shapes = {k: tuple(v.global_shape) for k, v in metadata.items() if hasattr(v, "global_shape")}
-    dtypes = {k: v.dtype for k, v in metadata.items() if hasattr(v, "global_shape")}
-    return McoreCheckpoint(ckpt, common, shapes, dtypes)
+    tensors = {TE_KEY_ALIASES.get(k, k): v for k, v in metadata.items()
+               if hasattr(v, "global_shape")}
+    return McoreCheckpoint(ckpt, common, {k: tuple(v.global_shape) for k, v in tensors.items()},
+                           {k: v.dtype for k, v in tensors.items()},
+                           {k: v.key for k, v in tensors.items() if v.key != k})

@@ -279,8 +279,35 @@ def _chunk_states(chunks: list, state: dict) -> list:
     return [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
 
 
+# One checkpoint format whichever layer spec wrote it (DESIGN decision 16). megatron-core's
+# Transformer Engine MoE layer keeps the pre-MLP RMSNorm as a module of its own, stored as
+# decoder.layers.pre_mlp_layernorm.weight; the local spec stores the same weight under
+# linear_fc1's fused-norm name (gpt_layer_specs.py, sharded_state_dict_keys_map). Saves use the
+# local name; a checkpoint that has the TE name loads into either spec.
+TE_KEY_ALIASES = {
+    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def _rename_keys(state: dict, names: dict) -> dict:
+    """state with every sharded entry's key renamed through ``names`` (in place)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for value in nested_values(state):
+        if getattr(value, "key", None) in names:
+            value.key = names[value.key]
+    return state
+
+
+def stored_keys(ckpt: Path) -> set:
+    """Every key the checkpoint stores (tensors and objects such as _extra_state)."""
+    return {key.split("/shard_")[0] for key in trust.read_dcp_metadata(ckpt).state_dict_metadata}
+
+
 def _model_sharded_state_dict(model) -> dict:
-    return _per_chunk(_unwrap(model), lambda chunk: chunk.sharded_state_dict())
+    """The model's sharded state dict as saved: the local spec's keys, whichever spec built it."""
+    return _per_chunk(_unwrap(model),
+                      lambda chunk: _rename_keys(chunk.sharded_state_dict(), TE_KEY_ALIASES))
 
 
 def _seal(tmp: Path) -> None:
@@ -358,16 +385,19 @@ def checkpoint_vocab(cfg: TrainConfig) -> Optional[int]:
     return saved.get("padded_vocab_size")
 
 
-def model_weights_request(chunks: list, common: dict) -> dict:
-    """Returns the model's sharded state dict to load from a checkpoint with this common state.
-
-    An HF import (geno-convert from-hf) carries parameters only, no (empty) _extra_state.
-    """
-    imported = common.get("imported_from") is not None
+def model_weights_request(chunks: list, common: dict, ckpt: Path) -> dict:
+    """Returns the model's sharded state dict to load from the checkpoint ``ckpt``: under the
+    names it stores (local or Transformer Engine, TE_KEY_ALIASES), without the _extra_state
+    entries it lacks (an HF import, geno-convert from-hf, carries parameters only; a local-spec
+    checkpoint has none for TE's modules)."""
+    stored = stored_keys(ckpt)
+    names = {local: te for te, local in TE_KEY_ALIASES.items()
+             if te in stored and local not in stored}
 
     def request(chunk) -> dict:
-        return {k: v for k, v in chunk.sharded_state_dict().items()
-                if not (imported and k.endswith("_extra_state"))}
+        state = _rename_keys(_rename_keys(chunk.sharded_state_dict(), TE_KEY_ALIASES), names)
+        return {k: v for k, v in state.items()
+                if not (k.endswith("_extra_state") and getattr(v, "key", None) not in stored)}
 
     return _per_chunk(chunks, request)
 
@@ -384,7 +414,7 @@ def apply_model_weights(chunks: list, state: dict, common: dict, ckpt: Path) -> 
 
 def load_model_weights(chunks: list, ckpt: Path, common: dict) -> None:
     """Loads only the model weights of a torch_dist checkpoint into (unwrapped) GPTModel chunks."""
-    request = {"model": model_weights_request(chunks, common)}
+    request = {"model": model_weights_request(chunks, common, ckpt)}
     loaded = trust.trusted_load(request, ckpt)
     apply_model_weights(chunks, loaded["model"], common, ckpt)
 
@@ -416,7 +446,7 @@ def load_checkpoint(
     # non-tensor state (param groups, step) is rebuilt for the new chain (remap_optimizer_state);
     # its tensors (fp32 weights, Adam moments) are stored under layout-free keys and load as is
     regrouped = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
-    model_sd = model_weights_request(_unwrap(model), common)
+    model_sd = model_weights_request(_unwrap(model), common, ckpt)
     sharded = {"model": model_sd}
     if not weights_only:
         compat.allocate_optimizer_state(optimizer)
