@@ -87,13 +87,19 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def reduce_loss(outputs: list[dict]) -> float:
-    """Returns the token-mean loss of a global batch, known on every rank: each rank's sums
-    over its micro-batches (and, with CP, its sequence chunks) added over DP x CP."""
+def loss_totals(outputs: list[dict]) -> torch.Tensor:
+    """[loss sum, token count] of this rank's micro-batches, on the device (no host read)."""
     totals = torch.zeros(2, device=_device())
     if parallel_state.is_pipeline_last_stage():
         for out in outputs:
             totals += out["lm loss"].to(totals.device)
+    return totals
+
+
+def reduce_loss(totals: torch.Tensor) -> float:
+    """Returns the token-mean loss of loss_totals (of one global batch, or several added),
+    known on every rank: each rank's sums (with CP, of its sequence chunks) added over DP x CP."""
+    totals = totals.clone()
     torch.distributed.all_reduce(
         totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     torch.distributed.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
@@ -203,6 +209,8 @@ class TrainingRun:
         self.stop = StopSignal(cfg.checkpoint.save_on_signal)
         self.records: list[dict] = []
         self.saved: list[Path] = []
+        # (steps, seconds, device loss totals) since the last record
+        self.pending = (0, 0.0, torch.zeros(2, device=_device()))
 
     def _connect_schedule_hooks(self) -> None:
         config = self.model[0].config
@@ -257,19 +265,22 @@ class TrainingRun:
         total = 0.0
         with torch.no_grad():
             for _ in range(iters):
-                total += reduce_loss(self._schedule(it, forward_only=True))
+                total += reduce_loss(loss_totals(self._schedule(it, forward_only=True)))
         for chunk in self.model:
             chunk.train()
         return total / max(iters, 1)
 
-    def record(self, outputs, grad_norm, elapsed: float, evaluate: bool) -> dict:
-        """The metrics of the step just taken (the loss leaves the device only here: two
-        all-reduces and a sync), with the validation loss and eval.* when evaluating."""
+    def record(self, grad_norm, evaluate: bool) -> dict:
+        """The metrics of the steps since the last record (loss: their token mean, which leaves
+        the device only here, two all-reduces and a sync; throughput over their time; grad norm
+        and lr of the last), with the validation loss and eval.* when evaluating."""
         d = self.cfg.data
-        tokens_per_s = d.global_batch_size * d.seq_length / elapsed
+        steps, seconds, totals = self.pending
+        self.pending = (0, 0.0, torch.zeros(2, device=_device()))
+        tokens_per_s = steps * d.global_batch_size * d.seq_length / seconds
         per_gpu = tokens_per_s * self.flops_token / self.world
         record = {
-            "step": self.state.iteration, "loss": reduce_loss(outputs),
+            "step": self.state.iteration, "loss": reduce_loss(totals),
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s, "flops_per_token": self.flops_token,
@@ -299,17 +310,22 @@ class TrainingRun:
         first_iteration, started = self.state.iteration, time.perf_counter()
         while self.state.iteration < s.train_iters:
             outputs, grad_norm, elapsed = self.step()
+            steps, seconds, totals = self.pending
+            self.pending = (steps + 1, seconds + elapsed, totals + loss_totals(outputs))
             it = self.state.iteration
-            log_due = it % self.cfg.logging.log_interval == 0 or it == s.train_iters
+            stopping = self.stop.any_rank() or bool(s.stop_after and it >= s.stop_after)
+            # the last step of a run is always recorded, however it ends
+            log_due = (it % self.cfg.logging.log_interval == 0 or it == s.train_iters
+                       or stopping)
             eval_due = bool(s.eval_interval) and it % s.eval_interval == 0
             if log_due or eval_due:
-                record = self.record(outputs, grad_norm, elapsed, eval_due)
+                record = self.record(grad_norm, eval_due)
                 self.records.append(record)
                 if self.writer:
                     self.writer.write(record)
                     if not self.cfg.logging.quiet:
                         print(format_record(record), flush=True)
-            if self.stop.any_rank() or (s.stop_after and it >= s.stop_after):
+            if stopping:
                 self.save()
                 break
             if interval and it % interval == 0 and it < s.train_iters:

@@ -153,3 +153,14 @@ def test_resume_says_what_changed_and_what_carried_over(tmp_path):
                  f"checkpoint.load={ck}")
     line = next(line for line in proc.stderr.splitlines() if "carried over" in line)
     assert "carried over weights; fresh optimizer, schedule and data position" in line
+
+
+def test_log_interval_records_interval_means_and_the_stopping_step(tmp_path):
+    """With logging.log_interval=5 a record holds the token mean of the steps since the last
+    one, and a run stopped at step 7 (schedule.stop_after) records step 7 too."""
+    every = losses(geno_train(tmp_path / "every", "schedule.train_iters=10",
+                              "schedule.stop_after=7"))
+    records = geno_train(tmp_path / "interval", "schedule.train_iters=10", "schedule.stop_after=7",
+                         "logging.log_interval=5")
+    assert [r["step"] for r in records] == [5, 7]
+    assert_close(losses(records), [sum(every[:5]) / 5, sum(every[5:7]) / 2], rtol=1e-6)
