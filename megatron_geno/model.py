@@ -143,9 +143,10 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
-        # megatron-core's draws depend on the layout; build_model_chunks draws every weight
-        # from the seed and its global identity instead (megatron_geno.initialization)
-        perform_initialization=False,
+        # megatron-core's draws depend on the layout, and build_model_chunks draws every weight
+        # again from the seed and its global identity (megatron_geno.initialization); its own
+        # initialization stays on all the same: it is also where a tensor-parallel weight is
+        # marked as one (set_tensor_model_parallel_attributes), which the gradient norm reads
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,

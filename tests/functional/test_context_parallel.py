@@ -30,8 +30,9 @@ def single(tmp_path_factory):
     [
         ("cp2", ["parallel.context_parallel=2"], 2, "TP=1 PP=1 CP=2 EP=1 DP=1"),
         ("cp4", ["parallel.context_parallel=4"], 4, "TP=1 PP=1 CP=4 EP=1 DP=1"),
-        ("tp2_sp_cp2", ["parallel.tensor_parallel=2", "parallel.context_parallel=2"], 4,
-         "TP=2 PP=1 CP=2 EP=1 DP=1 SP=True"),
+        # the padded vocabulary is part of the model (128 x TP by default): fixed at one's
+        ("tp2_sp_cp2", ["parallel.tensor_parallel=2", "parallel.context_parallel=2",
+                        "model.padded_vocab_size=128"], 4, "TP=2 PP=1 CP=2 EP=1 DP=1 SP=True"),
         ("pp2_cp2", ["parallel.pipeline_parallel=2", "parallel.context_parallel=2"], 4,
          "TP=1 PP=2 CP=2 EP=1 DP=1"),
         ("ep2_cp2", ["parallel.expert_parallel=2", "parallel.context_parallel=2"], 2,
@@ -44,7 +45,8 @@ def single(tmp_path_factory):
          "recompute=selective(core_attn,moe)"),
         # the 10B recipes' layout at tiny width, on 8 processes
         ("tp2_pp2_cp2_ep2", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-                             "parallel.context_parallel=2", "parallel.expert_parallel=2"], 8,
+                             "parallel.context_parallel=2", "parallel.expert_parallel=2",
+                             "model.padded_vocab_size=128"], 8,
          "TP=2 PP=2 CP=2 EP=2 DP=1"),
     ],
 )

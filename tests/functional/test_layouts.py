@@ -1,7 +1,8 @@
 """Parallel layouts on 2 CPU processes (gloo) against the TP=1/PP=1/EP=1/DP=1 run.
 
-Every layout starts from its own initialization (which depends only on the seed,
-megatron_geno/initialization.py) and must give the golden single-process losses.
+Every layout starts from its own initialization (which depends only on the seed and, at TP > 1,
+the padded vocabulary, fixed here at the single process's: megatron_geno/initialization.py) and
+must give the golden single-process losses.
 """
 
 import json
@@ -20,8 +21,9 @@ GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "tiny_cpu_
 @pytest.mark.parametrize(
     "name,layout,ran",
     [
-        ("tp2_sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
-         "TP=2 PP=1 CP=1 EP=1 DP=1 SP=True"),
+        # the padded vocabulary is part of the model (128 x TP by default): fixed at one's
+        ("tp2_sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
+                    "model.padded_vocab_size=128"], "TP=2 PP=1 CP=1 EP=1 DP=1 SP=True"),
         ("pp2", ["parallel.pipeline_parallel=2"], "TP=1 PP=2 CP=1 EP=1 DP=1"),
         ("ep2", ["parallel.expert_parallel=2"], "TP=1 PP=1 CP=1 EP=2 DP=2"),
         ("dp2", [], "TP=1 PP=1 CP=1 EP=1 DP=2"),
