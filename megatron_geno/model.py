@@ -142,11 +142,11 @@ def transformer_config(
         add_qkv_bias=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=model.init_method_std,
         # megatron-core's draws depend on the layout, and build_model_chunks draws every weight
         # again from the seed and its global identity (megatron_geno.initialization); its own
         # initialization stays on all the same: it is also where a tensor-parallel weight is
         # marked as one (set_tensor_model_parallel_attributes), which the gradient norm reads
+        init_method_std=model.init_method_std,
         num_moe_experts=model.num_experts,
         moe_router_topk=model.moe_router_topk,
         moe_ffn_hidden_size=model.moe_ffn_hidden_size,
