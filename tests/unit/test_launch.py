@@ -229,3 +229,13 @@ def test_every_recipe_dry_runs_on_its_nodes_without_transformer_engine(recipe, c
     assert f"CP {p.context_parallel} x DP 8 = {world} GPUs" in out and "\nfits       in" in out
     if p.context_parallel > 1:
         assert "context-parallel K/V gather (one layer)" in out
+
+
+def test_document_masks_with_context_parallelism_are_refused_writing_nothing(capsys, tmp_path):
+    refused = tmp_path / "refused"
+    assert main(["--recipe", "genos-1.2b-32k", "--nodes", "2", "--dry-run",
+                 "data.reset_attention_mask=true", f"logging.run_dir={refused}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.reset_attention_mask (no attention across documents) does not run with CP = 2" \
+        in err and len(err.strip().splitlines()) == 1
+    assert not refused.exists()
