@@ -121,7 +121,7 @@ def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
 ) -> TransformerConfig:
     """Returns megatron-core's TransformerConfig for the Genos architecture."""
-    te = use_transformer_engine(model)  # the layout (CP needs TE, ...) is checked before
+    te = use_transformer_engine(model)  # the layout is checked before
     dispatcher = model.moe_token_dispatcher
     if dispatcher == "auto":
         dispatcher = platform.default_token_dispatcher()
