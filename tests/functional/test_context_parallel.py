@@ -38,8 +38,6 @@ def single(tmp_path_factory):
         ("ep2_cp2", ["parallel.expert_parallel=2", "parallel.context_parallel=2"], 2,
          "TP=1 PP=1 CP=2 EP=2 DP=1"),
         # recomputation re-runs the attention (and its K/V gather) inside the backward
-        ("cp2_recompute_full", ["parallel.context_parallel=2", "model.recompute=full"], 2,
-         "CP=2 EP=1 DP=1"),
         ("cp2_recompute_attention", ["parallel.context_parallel=2", "model.recompute=selective",
                                      "model.recompute_modules=[core_attn,moe]"], 2,
          "recompute=selective(core_attn,moe)"),
