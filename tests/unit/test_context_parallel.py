@@ -46,9 +46,12 @@ def test_global_chunk_order_inverts_megatron_cores_batch_split():
         def rank(self):
             return self._rank
 
-    # the split reads a group's size and rank only once torch.distributed is up
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                         rank=0, world_size=1)
+    # the split reads a group's size and rank only once torch.distributed is up (an earlier
+    # test of the session may have left it up)
+    started = not torch.distributed.is_initialized()
+    if started:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         for cp in (2, 3, 4):
             s = 2 * cp * 3
@@ -60,7 +63,8 @@ def test_global_chunk_order_inverts_megatron_cores_batch_split():
             chunks = gathered.view(2 * cp, -1)[attention.global_chunk_order(cp)]
             assert chunks.reshape(-1).tolist() == list(range(s))
     finally:
-        torch.distributed.destroy_process_group()
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 def _split(t: torch.Tensor, group) -> torch.Tensor:
