@@ -63,9 +63,9 @@ def _peak_bytes(fn) -> int:
 def _rank(rank: int, world: int, seq: int, repeats: int, out: str) -> None:
     """One CP rank's forward + backward at CP = world (world 1: the whole sequence)."""
     from megatron.core.tensor_parallel import mappings
-    from torch.autograd import Variable
 
     from megatron_geno import attention
+    from tests.ranks import cp_chunks
 
     sent = []  # bytes this rank sends per collective (ring model)
     gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
@@ -83,7 +83,7 @@ def _rank(rank: int, world: int, seq: int, repeats: int, out: str) -> None:
     group = torch.distributed.new_group(list(range(world)))
     q, k, v, go = _inputs(seq, torch.float32, "cpu")
     if world > 1:
-        q, k, v, go = (_split(t, group) for t in (q, k, v, go))
+        q, k, v, go = (cp_chunks(t, group) for t in (q, k, v, go))
 
     def step():
         inputs = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -92,9 +92,7 @@ def _rank(rank: int, world: int, seq: int, repeats: int, out: str) -> None:
         else:
             o = attention.causal_attention(*(t.permute(1, 2, 0, 3) for t in inputs))
             o = o.permute(2, 0, 1, 3)
-        # the engine itself, as megatron-core's schedule calls it (not through the CPU layer's
-        # torch-function mode)
-        Variable._execution_engine.run_backward((o,), (go,), False, False, (), False, True)
+        torch.autograd.backward(o, go)
 
     step()  # warm-up (and the first-call allocations)
     sent.clear()
@@ -112,13 +110,6 @@ def _rank(rank: int, world: int, seq: int, repeats: int, out: str) -> None:
     torch.distributed.all_reduce(result, op=torch.distributed.ReduceOp.MAX, group=group)
     if rank == 0:
         torch.save(result, out)
-
-
-def _split(t: torch.Tensor, group) -> torch.Tensor:
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    return get_batch_on_this_cp_rank({"x": t.transpose(0, 1)},
-                                     cp_group=group)["x"].transpose(0, 1).contiguous()
 
 
 def cpu_table(seq: int, repeats: int) -> str:

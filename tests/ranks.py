@@ -29,3 +29,12 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 def run_on_ranks(fn, world: int, *args) -> None:
     """Calls fn(rank, world, *args) in `world` spawned processes with a gloo group."""
     mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def cp_chunks(t: torch.Tensor, group) -> torch.Tensor:
+    """This CP rank's chunks of t [s, ...] (sequence first), cut by megatron-core's batch split
+    (which takes [b, s])."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    return get_batch_on_this_cp_rank({"x": t.transpose(0, 1)},
+                                     cp_group=group)["x"].transpose(0, 1).contiguous()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from megatron_geno import attention
 from megatron_geno.distributed import free_port
-from tests.ranks import run_on_ranks
+from tests.ranks import cp_chunks, run_on_ranks
 
 
 def test_a_query_chunk_attends_its_key_prefix_aligned_bottom_right():
@@ -67,22 +67,6 @@ def test_global_chunk_order_inverts_megatron_cores_batch_split():
             torch.distributed.destroy_process_group()
 
 
-def _split(t: torch.Tensor, group) -> torch.Tensor:
-    """This rank's chunks of t [s, ...], cut by megatron-core's batch split ([b, s] layout)."""
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    return get_batch_on_this_cp_rank({"x": t.transpose(0, 1)},
-                                     cp_group=group)["x"].transpose(0, 1).contiguous()
-
-
-def _backward(out: torch.Tensor, grad: torch.Tensor) -> None:
-    """Backward as megatron-core's schedule runs it (the C++ engine, not through the CPU
-    layer's torch-function mode, which a Python-level backward would switch off inside)."""
-    from torch.autograd import Variable
-
-    Variable._execution_engine.run_backward((out,), (grad,), False, False, (), False, True)
-
-
 class _SavesInputs(torch.autograd.Function):
     """Causal attention that keeps its query, key and value inputs themselves for backward, as
     flash attention does (torch's CPU kernels keep copies), so a kept gathered K/V would show."""
@@ -121,14 +105,14 @@ def _parity_on_rank(rank: int, world: int) -> None:
         whole = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in whole),
                                              is_causal=True, enable_gqa=heads != groups)
-        _backward(ref.permute(2, 0, 1, 3), go)
-        mine = [_split(t, group).requires_grad_() for t in (q, k, v)]
+        torch.autograd.backward(ref.permute(2, 0, 1, 3), go)
+        mine = [cp_chunks(t, group).requires_grad_() for t in (q, k, v)]
         out = attention.context_parallel_attention(*mine, group)
-        _backward(out, _split(go, group))
-        torch.testing.assert_close(out, _split(ref.permute(2, 0, 1, 3), group),
+        torch.autograd.backward(out, cp_chunks(go, group))
+        torch.testing.assert_close(out, cp_chunks(ref.permute(2, 0, 1, 3), group),
                                    rtol=0, atol=1e-5)
         for name, local, full in zip("qkv", mine, whole):
-            torch.testing.assert_close(local.grad, _split(full.grad, group), rtol=0, atol=1e-5,
+            torch.testing.assert_close(local.grad, cp_chunks(full.grad, group), rtol=0, atol=1e-5,
                                        msg=lambda m, n=name: f"d{n} on rank {rank}: {m}")
 
 
@@ -156,16 +140,16 @@ def _gathered_kv_on_rank(rank: int, world: int, hooks: bool) -> None:
         whole = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in whole),
                                              is_causal=True)
-        _backward(ref.permute(2, 0, 1, 3), go)
-        mine = [_split(t, group).requires_grad_() for t in (q, k, v)]
+        torch.autograd.backward(ref.permute(2, 0, 1, 3), go)
+        mine = [cp_chunks(t, group).requires_grad_() for t in (q, k, v)]
         out = attention.context_parallel_attention(*mine, group)
         gc.collect()
         alive = [ref() is not None for ref in gathered]
         assert alive == [not hooks] * 2, f"gathered K/V alive after the forward: {alive}"
-        _backward(out, _split(go, group))
+        torch.autograd.backward(out, cp_chunks(go, group))
         assert len(calls) == (4 if hooks else 2)  # with hooks: K and V once more in backward
         for local, full in zip(mine, whole):
-            torch.testing.assert_close(local.grad, _split(full.grad, group), rtol=0, atol=1e-5)
+            torch.testing.assert_close(local.grad, cp_chunks(full.grad, group), rtol=0, atol=1e-5)
     finally:
         attention.gather_global, attention.causal_attention, attention._KeepLocalOnly = real
 
