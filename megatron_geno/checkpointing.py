@@ -234,6 +234,27 @@ def remap_optimizer_state(loaded: dict, optimizer, saved_common: dict) -> dict:
     return {i: own for i, own in enumerate(rebuilt)} if len(subs) > 1 else rebuilt[0]
 
 
+def _hyperparameters(optimizer) -> list[list[dict]]:
+    """Each param group's settings (betas, eps, max_lr, min_lr, multipliers ...) as this run
+    built them, without its parameters and step count."""
+    return [[{k: v for k, v in group.items() if k not in ("params", "step")}
+             for group in sub.optimizer.param_groups]
+            for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if sub.optimizer is not None]
+
+
+def _restore_hyperparameters(optimizer, own: list[list[dict]]) -> None:
+    """Puts this run's settings back into the param groups a load replaced with the saved ones:
+    on resume what the user passes now wins (optimizer.* and schedule.*; the scheduler sets lr
+    and weight decay from them at every step); only the step count and the tensors are the
+    checkpoint's."""
+    subs = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if sub.optimizer is not None]
+    for sub, groups in zip(subs, own):
+        for group, settings in zip(sub.optimizer.param_groups, groups):
+            group.update(settings)
+
+
 def _num_optimizers(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -464,7 +485,9 @@ def load_checkpoint(
     if regrouped:
         loaded["optimizer"] = remap_optimizer_state(loaded["optimizer"], optimizer,
                                                     common["optimizer"])
+    own = _hyperparameters(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
+    _restore_hyperparameters(optimizer, own)
     compat.unshare_adam_steps(optimizer)
     compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(cfg.optimizer.fused))
     scheduler.load_state_dict(loaded["scheduler"])
@@ -528,5 +551,5 @@ def resume_report(ckpt: Path, cfg: TrainConfig, carried: list[str], fresh: str =
     if changes:
         shown = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more"
                                            if len(changes) > 12 else "")
-        text += f". Changed since it was saved: {shown}"
+        text += f". Changed since it was saved, and applied: {shown}"
     return text

@@ -93,20 +93,31 @@ def set_adam_kernel(optimizer, fused: bool) -> int:
 def allocate_optimizer_state(optimizer) -> None:
     """Gives every parameter an (empty) Adam state before a load, or a save before any step.
 
-    With torch's Adam (no Transformer Engine or apex) the state, and its per-parameter 'step', is
-    created lazily at the first step, and megatron-core's DistributedOptimizer.state_dict()
-    asserts on it; loading overwrites these placeholders, step included.
+    Each Adam keeps its step count where its own kernel reads it, and megatron-core's
+    DistributedOptimizer reads it from there when saving (its param groups carry it in the
+    checkpoint, whichever Adam saved it):
+    - torch's Adam / AdamW (no Transformer Engine or apex): a ``step`` tensor per parameter,
+      created with the rest of the state at the first step; state_dict() asserts on it before;
+    - TE's and apex's FusedAdam: one ``step`` per param group, no per-parameter one (a
+      per-parameter ``step`` there makes megatron-core's load look for a tensor the checkpoint
+      does not hold: KeyError 'step'). Before the first step it has none; 0 is given so that an
+      iteration-0 checkpoint records one for whichever Adam loads it.
+    Loading overwrites these placeholders, step included.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
-        if inner is None or len(inner.state):
+        if inner is None:
             continue
-        if opt.init_state_fn is not None:
+        torch_adam = isinstance(inner, torch.optim.Adam)  # AdamW is a subclass
+        if not len(inner.state) and opt.init_state_fn is not None:
             opt.init_state_fn(inner, opt.config)
         for group in inner.param_groups:
+            if not torch_adam:
+                group.setdefault("step", 0)
+                continue
             for param in group["params"]:
                 inner.state[param].setdefault("step", torch.tensor(0.0))
-        if isinstance(inner, torch.optim.Adam):
+        if torch_adam:
             _place_steps(inner)
 
 

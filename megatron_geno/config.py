@@ -38,7 +38,7 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 1e-3
     moe_z_loss_coeff: float = 1e-3
     moe_router_pre_softmax: bool = False  # Genos: softmax over all experts, then top-k
-    moe_token_dispatcher: str = "auto"  # auto: alltoall with CUDA, allgather on CPU
+    moe_token_dispatcher: str = "auto"  # auto: alltoall (megatron-core's GPU default), CPU too
     moe_grouped_gemm: str = "auto"  # auto: grouped wherever torch._grouped_mm runs; or on / off
     # compiled RMSNorm, RoPE, SwiGLU and cross-entropy (megatron_geno.fusions): auto = on with
     # CUDA, off on CPU; on (on CPU: needs a C++ compiler); off

@@ -117,14 +117,18 @@ def router_loss_ranks(parallel: ParallelConfig) -> int:
     return sp_tp * parallel.context_parallel
 
 
+def token_dispatcher(model: ModelConfig) -> str:
+    """model.moe_token_dispatcher resolved: auto is megatron-core's alltoall, on CPU as on GPU
+    (the CPU layer gives it host split sizes and gloo's uneven all-gather)."""
+    return "alltoall" if model.moe_token_dispatcher == "auto" else model.moe_token_dispatcher
+
+
 def transformer_config(
     model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
 ) -> TransformerConfig:
     """Returns megatron-core's TransformerConfig for the Genos architecture."""
     te = use_transformer_engine(model)  # the layout is checked before
-    dispatcher = model.moe_token_dispatcher
-    if dispatcher == "auto":
-        dispatcher = platform.default_token_dispatcher()
+    dispatcher = token_dispatcher(model)
     grouped = te and experts_module(model, parallel, dtype) == "te-grouped"
     sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
     return TransformerConfig(
@@ -305,6 +309,7 @@ def describe(cfg: TrainConfig) -> str:
         f"experts={experts_module(cfg.model, p, resolve_precision(cfg.precision))} "
         f"fusions={'on' if fusions.fusions_enabled(cfg.model) else 'off'} "
         f"adam={_adam_kernel(cfg)} "
+        f"dispatcher={token_dispatcher(cfg.model)} "
         f"recompute={cfg.model.recompute}"
         f"{'(' + ','.join(cfg.model.recompute_modules) + ')' if cfg.model.recompute == 'selective' else ''} "
         f"dtype={resolve_precision(cfg.precision)}"

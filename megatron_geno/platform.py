@@ -126,12 +126,60 @@ def _recompute_on_cpu_too() -> None:
     CheckpointFunction.backward = staticmethod(backward)
 
 
+def _alltoall_splits_on_cpu() -> None:
+    """megatron-core's alltoall token dispatcher copies its split sizes to the host on a side CUDA
+    stream (as numpy arrays) and waits on that stream's event before the all-to-all. On CPU they
+    are host tensors already: the same conversion, with no stream and no event."""
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as cls
+
+    if getattr(cls._maybe_dtoh_and_synchronize, "_geno_patched", False):
+        return
+
+    def splits_on_host(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name)
+                if torch.is_tensor(value):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    splits_on_host._geno_patched = True
+    cls._maybe_dtoh_and_synchronize = splits_on_host
+
+
+def _uneven_gather_on_gloo() -> None:
+    """gloo's all_gather takes only equal pieces; megatron-core's all-gather-v (the alltoall
+    dispatcher's gather over the TP group when experts are tensor-parallel) passes a list of
+    unequal ones. On CPU the pieces are padded to the longest, gathered and cut back."""
+    from megatron.core.tensor_parallel import mappings
+
+    original = mappings._gather_along_first_dim
+    if getattr(original, "_geno_patched", False):
+        return
+
+    def gather(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) == 1 or group.size() == 1:
+            return original(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:size] for piece, size in zip(pieces, output_split_sizes)])
+
+    gather._geno_patched = True
+    mappings._gather_along_first_dim = gather
+
+
 # Every megatron-core / torch name this layer replaces or wraps: checked at activation, so a moved
 # name is a clear error instead of a patch that silently does nothing.
 PATCHED_TARGETS = (
     ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
     ("megatron.core.tensor_parallel.random", "CheckpointFunction.backward"),
+    ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim"),
+    ("megatron.core.transformer.moe.token_dispatcher",
+     "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize"),
     ("megatron.core.optimizer.distrib_optimizer",
      "DistributedOptimizer._set_main_param_and_optimizer_states"),
     ("megatron.core.transformer.moe.moe_utils", "topk_routing_with_score_function"),
@@ -155,12 +203,6 @@ def check_patched_targets() -> None:
             raise RuntimeError(f"megatron_geno.platform: {module}.{name} is missing from the "
                                f"installed packages (megatron-core 0.16.1 expected); the CPU "
                                f"layer cannot mend it")
-
-
-def default_token_dispatcher() -> str:
-    """model.moe_token_dispatcher=auto: alltoall with CUDA; allgather on CPU, where megatron-core's
-    alltoall dispatcher waits on a CUDA event for its split sizes (it fails at EP=1)."""
-    return "alltoall" if torch.cuda.is_available() else "allgather"
 
 
 def ddp_bucket_size():
@@ -205,6 +247,8 @@ def activate() -> bool:
 
     compat.patch_missing_transformer_engine()
     _recompute_on_cpu_too()
+    _alltoall_splits_on_cpu()
+    _uneven_gather_on_gloo()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
     log.warning("CUDA is absent: megatron-core runs on CPU through megatron_geno.platform (gloo)")

@@ -42,7 +42,13 @@ log = logging.getLogger("megatron_geno")
 
 def build_optimizer(cfg: TrainConfig, model):
     """Returns (optimizer, scheduler): megatron-core AdamW and its warmup + decay schedule."""
+    from megatron.core import optimizer as mcore_optimizer
+
     o, s, d = cfg.optimizer, cfg.schedule, cfg.data
+    if o.fused == "off" and not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        raise ConfigError("optimizer.fused=off: megatron-core runs Transformer Engine's (or apex's) "
+                          "FusedAdam whenever one is installed, and it has no unfused mode; set "
+                          "optimizer.fused=auto, or run where neither is installed")
     bf16 = resolve_precision(cfg.precision) == torch.bfloat16
     optimizer = get_megatron_optimizer(
         McoreOptimizerConfig(
@@ -60,6 +66,9 @@ def build_optimizer(cfg: TrainConfig, model):
         lr_decay_steps=max(s.train_iters, 1) * d.global_batch_size, lr_decay_style=s.decay_style,
         start_wd=o.weight_decay, end_wd=o.weight_decay,
         wd_incr_steps=max(s.train_iters, 1) * d.global_batch_size, wd_incr_style="constant",
+        # on resume this run's schedule wins over the checkpoint's (megatron-core's default is
+        # the reverse); only the step count comes from the checkpoint (checkpointing.py)
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
     return optimizer, scheduler
 

@@ -1,5 +1,10 @@
 """Resume and reshard through torch_dist checkpoints written by geno-train."""
 
+import json
+import math
+
+import pytest
+
 from tests.functional.launcher import (assert_close, geno_train, geno_train_error,
                                       geno_train_logged, losses)
 
@@ -142,12 +147,19 @@ def test_resume_says_what_changed_and_what_carried_over(tmp_path):
     ck = tmp_path / "ck"
     assert train(tmp_path / "first", "schedule.train_iters=2", f"checkpoint.save={ck}").returncode == 0
     proc = train(tmp_path / "second", "schedule.train_iters=4", "optimizer.lr=0.0005",
-                 f"checkpoint.load={ck}")
+                 "optimizer.min_lr=0.00005", f"checkpoint.load={ck}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(line for line in proc.stderr.splitlines() if "carried over" in line)
     assert ("carried over weights, Adam moments, schedule and data position (iteration 2, "
             "16 samples), RNG state") in line
+    assert "Changed since it was saved, and applied" in line
     assert "optimizer.lr: 0.001 -> 0.0005" in line and "schedule.train_iters: 2 -> 4" in line
+    # applied: steps 3 and 4 run on this run's cosine (warmup 1 step, decay to step 4, lr 5e-4
+    # to 5e-5), not on the saved one's (megatron-core's default: 1e-3 decayed to 1e-4 by step 2)
+    records = [json.loads(r) for r in
+               (tmp_path / "second" / "metrics.jsonl").read_text().splitlines()]
+    cosine = [5e-5 + 0.5 * (math.cos(math.pi * (n - 1) / 3) + 1) * 4.5e-4 for n in (3, 4)]
+    assert [r["lr"] for r in records] == pytest.approx(cosine, rel=1e-9)
     assert "logging.run_dir" not in line  # where a run writes is not a change of what it does
     proc = train(tmp_path / "third", "schedule.train_iters=2", "checkpoint.weights_only=true",
                  f"checkpoint.load={ck}")

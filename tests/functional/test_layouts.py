@@ -25,13 +25,18 @@ GOLDEN = json.loads((Path(__file__).resolve().parents[1] / "golden" / "tiny_cpu_
         ("tp2_sp", ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true",
                     "model.padded_vocab_size=128"], "TP=2 PP=1 CP=1 EP=1 DP=1 SP=True"),
         ("pp2", ["parallel.pipeline_parallel=2"], "TP=1 PP=2 CP=1 EP=1 DP=1"),
-        ("ep2", ["parallel.expert_parallel=2"], "TP=1 PP=1 CP=1 EP=2 DP=2"),
+        # megatron-core's alltoall dispatcher (the default, as on a GPU) and its allgather one
+        ("ep2", ["parallel.expert_parallel=2"], "EP=2 DP=2"),
+        ("ep2_allgather", ["parallel.expert_parallel=2", "model.moe_token_dispatcher=allgather"],
+         "EP=2 DP=2"),
         ("dp2", [], "TP=1 PP=1 CP=1 EP=1 DP=2"),
     ],
 )
 def test_layout_matches_single_process(tmp_path, name, layout, ran):
     records, log = geno_train_logged(tmp_path / name, STEPS, *layout, nproc=2)
     assert ran in log  # the start-up line: the layout that actually ran, not a silent default
+    dispatcher = next((o.split("=")[1] for o in layout if "dispatcher" in o), "alltoall")
+    assert f"dispatcher={dispatcher} " in log
     assert_close(losses(records), GOLDEN["losses"], rtol=1e-4)
 
 
