@@ -2,6 +2,7 @@
 
     python benchmarks/op_count.py                        # genos-1.2b shapes, seq 128
     python benchmarks/op_count.py --preset tiny --top 25
+    python benchmarks/op_count.py --whole-step           # host reads of whole training steps
 
 The CPU-side measure of GPU launch overhead (issue "GPU throughput"): on a GPU every aten call
 is at least one kernel launch, every GEMM call one GEMM kernel, and every `item` /
@@ -20,10 +21,17 @@ launches (`cpp_fused_*` on CPU, one Triton kernel each on a GPU) together with t
 still makes (GEMMs it leaves to aten, buffer allocations); the ops it replaces (RMSNorm, RoPE,
 SwiGLU) no longer appear as aten calls. The fused cross-entropy runs only in bf16 (its gradient
 is bf16), so these fp32 counts keep the unfused one; it is outside the per-layer count anyway.
-All use the allgather
-token dispatcher: megatron-core's alltoall dispatcher (the GPU default) waits on a CUDA event for
-its split sizes, which CPU cannot run at EP=1; on a GPU it adds that one host synchronisation per
-layer and micro-batch.
+All use megatron-core's alltoall token dispatcher (the default, on CPU as on GPU); on a GPU it
+copies its split sizes to the host once per layer and micro-batch (an event wait), which the CPU
+layer does without a stream.
+
+--whole-step counts the host reads of whole training steps (TrainingRun: schedule, DDP,
+optimizer, scheduler, metrics, stop signal, loop) at the default log interval: every `item`,
+`tolist`, `float()` / `int()` / `bool()` and `numpy()` of a tensor, by the module that asks
+(ours, megatron-core's, torch's). On CPU every tensor is a host tensor, so reads of tensors that a
+GPU run keeps on the host (the stop signal's gloo flag, the dispatcher's split sizes after their
+copy) are counted too and named as such. Per layer per micro-batch: the difference between a
+2-layer and a 1-layer model divided by the micro-batches; per step outside the layers: the rest.
 """
 
 from __future__ import annotations
@@ -111,6 +119,110 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int,
         distributed.destroy()
 
 
+# reads of a tensor's value on the host: on a GPU each waits for the device (a synchronisation)
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy", "__index__")
+
+
+def _asker(stack) -> str:
+    """The first frame outside torch's own machinery: ours, megatron-core's or torch's."""
+    for frame in reversed(stack[:-1]):  # the last frame is the mode's handler
+        path = frame.filename
+        if "/torch/overrides.py" in path or "/torch/_tensor.py" in path:
+            continue
+        if "megatron_geno" in path or "benchmarks" in path:
+            return f"megatron_geno {Path(path).name}:{frame.name}"
+        if "/megatron/core/" in path:
+            return f"megatron-core {Path(path).name}:{frame.name}"
+        return f"torch {Path(path).name}:{frame.name}"
+    return "?"
+
+
+# askers whose tensor a GPU run keeps on the host: reading it waits for nothing there
+HOST_RESIDENT = {
+    "megatron_geno train.py:close": "the stop signal's gloo flag (a CPU tensor)",
+    "torch optimizer.py:_get_value": "Adam's step count (kept on the CPU, compat._place_steps)",
+    "megatron-core moe_utils.py:sort_chunks_by_idxs":
+        "split sizes after the dispatcher's one copy to the host per layer",
+}
+
+
+def whole_step_reads(preset: str, layers: int, seq: int, steps: int) -> tuple[dict, int, str]:
+    """{asker: host reads} over `steps` training steps after one warm-up step, the number of
+    micro-batches per step, and the start-up line."""
+    import tempfile
+    import traceback
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from megatron_geno import distributed, train as train_module
+    from megatron_geno.config import load_config
+
+    reads: collections.Counter = collections.Counter()
+    counting = [False]
+
+    class HostReads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if counting[0] and name in HOST_READS and args and torch.is_tensor(args[0]):
+                reads[_asker(traceback.extract_stack())] += 1
+            return func(*args, **(kwargs or {}))
+
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    get_moe_layer_wise_logging_tracker().clear()  # sized by the previous model's layer count
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [f"model.preset={preset}", f"model.num_layers={layers}",
+                                 f"data.seq_length={seq}", "data.micro_batch_size=1",
+                                 "data.global_batch_size=4", f"schedule.train_iters={steps + 1}",
+                                 "schedule.warmup_iters=0", "schedule.eval_interval=0",
+                                 "logging.quiet=true", "logging.tensorboard=false",
+                                 f"logging.log_interval={steps}", f"logging.run_dir={tmp}/run",
+                                 f"data.cache_dir={tmp}/cache"])
+        run = train_module.TrainingRun(cfg)
+        line = train_module.describe(run.cfg)
+        original = run.step
+
+        def step():  # counts from the second step on: the first initialises lazily
+            result = original()
+            counting[0] = True
+            return result
+
+        run.step = step
+        with HostReads():
+            run.run()
+        micro = run.num_micro
+        distributed.destroy()
+    return dict(reads), micro, line
+
+
+def whole_step(args) -> None:
+    steps = args.steps
+    one, micro, line = whole_step_reads(args.preset, 1, args.seq, steps)
+    two, _, _ = whole_step_reads(args.preset, 2, args.seq, steps)
+    print(f"\n{args.preset}, seq {args.seq}, {micro} micro-batches per step, {steps} steps after "
+          f"one warm-up, logging.log_interval={steps}, CPU\n{line}")
+    print("\n| host reads, by who asks | per layer per micro-batch | per step outside the "
+          "layers | on a GPU |")
+    print("|---|---:|---:|---|")
+    totals = collections.Counter()
+    for asker in sorted(set(one) | set(two)):
+        layer = (two.get(asker, 0) - one.get(asker, 0)) / (steps * micro)
+        rest = one.get(asker, 0) / steps - layer * micro
+        where = HOST_RESIDENT.get(asker)
+        kind = "host" if where else ("ours" if asker.startswith("megatron_geno") else "other")
+        totals[kind, "layer"] += layer
+        totals[kind, "rest"] += rest
+        print(f"| {asker} | {layer:g} | {rest:g} | {'host tensor: ' + where if where else 'waits for the device'} |")
+    # CPU cannot see it: the alltoall dispatcher waits on its copy's CUDA event once per layer
+    print("| megatron-core token_dispatcher.py: the copy's event wait (GPU only) | 1 | 0 | waits "
+          "for the device |")
+    print(f"| **waits for the device: ours** | **{totals['ours', 'layer']:g}** | "
+          f"**{totals['ours', 'rest']:g}** | |")
+    print(f"| **waits for the device: megatron-core / torch** | **{totals['other', 'layer'] + 1:g}**"
+          f" | **{totals['other', 'rest']:g}** | |")
+
+
 def per_layer(preset: str, grouped: str, dispatcher: str, seq: int,
               fusions: str = "off") -> tuple[dict, str]:
     one = count_ops(preset, 1, grouped, dispatcher, seq, fusions)
@@ -126,16 +238,23 @@ def main() -> None:
     parser.add_argument("--preset", default="genos-1.2b")
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--top", type=int, default=20, help="ops listed by count (20)")
+    parser.add_argument("--whole-step", action="store_true",
+                        help="host reads of whole training steps instead of per-layer op counts")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="--whole-step: steps counted, and the log interval (10, the default)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     import logging
 
     logging.disable(logging.WARNING)
-    columns = {"baseline": per_layer(args.preset, "off", "allgather", args.seq, "off"),
-               "grouped": per_layer(args.preset, "auto", "allgather", args.seq, "off"),
-               "fast": per_layer(args.preset, "auto", "allgather", args.seq, "on")}
+    if args.whole_step:
+        whole_step(args)
+        return
+    columns = {"baseline": per_layer(args.preset, "off", "alltoall", args.seq, "off"),
+               "grouped": per_layer(args.preset, "auto", "alltoall", args.seq, "off"),
+               "fast": per_layer(args.preset, "auto", "alltoall", args.seq, "on")}
     print(f"\n{args.preset}, seq {args.seq}, 1 micro-batch, forward + backward, per layer "
-          f"(2-layer minus 1-layer), CPU, allgather dispatcher")
+          f"(2-layer minus 1-layer), CPU, alltoall dispatcher")
     for name, (_, line) in columns.items():
         print(f"{name + ':':10s}{line}")
     base, grouped, fast = (counts for counts, _ in columns.values())

@@ -157,7 +157,7 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     run_dir: str = "runs/default"
-    log_interval: int = 1
+    log_interval: int = 10  # steps per record; the loss leaves the device only then (Megatron-LM: 100)
     tensorboard: bool = True
     quiet: bool = False
     # Weights & Biases (the wandb package, optional): off / offline (files under RUN_DIR/wandb,

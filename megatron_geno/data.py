@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -289,3 +291,54 @@ def microbatches(
             yield {k: torch.stack([it[k] for it in items]) for k, v in items[0].items()
                    if torch.is_tensor(v)}
         sample += global_batch_size
+
+
+class Prefetcher:
+    """An iterator of micro-batches read ahead on a background thread, into pinned host memory
+    when there is a GPU, so that the step copies them with ``non_blocking`` and never waits on
+    the dataset; the order and content are the source's. An error of the source (a damaged
+    shard) is raised where the batch would have been."""
+
+    def __init__(self, source: Iterator[dict], depth: int, pin: bool) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(source, pin), daemon=True,
+                                        name="geno-prefetch")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self, source: Iterator[dict], pin: bool) -> None:
+        try:
+            for batch in source:
+                if pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                if not self._put((batch, None)):
+                    return
+            self._put((None, StopIteration()))
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put((None, err))
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> dict:
+        batch, err = self._queue.get()
+        if err is not None:
+            self.close()
+            raise err
+        return batch
+
+    def close(self) -> None:
+        """Stops reading ahead (the thread ends at its next batch)."""
+        self._stop.set()
+
+    def __del__(self) -> None:
+        self.close()

@@ -29,7 +29,7 @@ from megatron_geno.checkpointing import (
     save_checkpoint,
 )
 from megatron_geno.config import ConfigError, TrainConfig, warmup_steps
-from megatron_geno.data import build_datasets, microbatches
+from megatron_geno.data import Prefetcher, build_datasets, microbatches
 from megatron_geno.evaluation.during_training import training_eval
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
@@ -86,10 +86,11 @@ def forward_step(data_iterator, model):
     # this context-parallel rank's chunks r and 2CP-1-r of every tensor (the query rows of an
     # attention mask), cut on the host before the copy; the whole batch at CP = 1
     batch = get_batch_on_this_cp_rank(next(data_iterator))
-    mask = batch.get("attention_mask")  # only with data.reset_attention_mask
-    output = model(batch["tokens"].to(_device()), batch["position_ids"].to(_device()),
-                   None if mask is None else mask.to(_device()), labels=batch["labels"].to(_device()))
-    return output, partial(loss_func, batch["loss_mask"].to(_device()))
+    # pinned by the loader on a GPU: the copies overlap the work already queued
+    batch = {k: v.to(_device(), non_blocking=True) for k, v in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+                   labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
 
 
 def _device() -> torch.device:
@@ -116,17 +117,20 @@ def reduce_loss(totals: torch.Tensor) -> float:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1 so the loop saves and exits at the next step boundary.
+    """Records SIGTERM / SIGUSR1 so the loop saves and exits at a step boundary.
 
-    Every rank learns whether any rank got one from a CPU tensor all-reduced over a gloo group
-    (on CPU runs, the default group is gloo already): reading it back costs no device
-    synchronisation, where a CUDA flag's `item` would wait for the step's kernels."""
+    Every rank learns whether any rank got one from a CPU flag all-reduced over a gloo group (on
+    CPU runs, the default group is gloo already), asynchronously: each step starts the reduction
+    of this rank's flag and reads the one the previous step started, long finished by then. No
+    step waits on the device or on the other ranks for it; every rank sees the same answer at the
+    same step, one step after the signal."""
 
     def __init__(self, enabled: bool) -> None:
         self.received = False
         # every rank creates it, in the same order (TrainingRun's set-up)
         self.group = torch.distributed.new_group(backend="gloo") \
             if torch.distributed.get_backend() != "gloo" else None
+        self.pending = None  # (flag, work) of the reduction the previous step started
         if enabled:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
@@ -136,9 +140,22 @@ class StopSignal:
         self.received = True
 
     def any_rank(self) -> bool:
+        """Whether any rank had received a signal by the previous call (False at the first)."""
+        answer = self.close()
         flag = torch.tensor([1.0 if self.received else 0.0])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
+                                            group=self.group, async_op=True)
+        self.pending = (flag, work)
+        return answer
+
+    def close(self) -> bool:
+        """Finishes the reduction in flight (before the groups go away); returns its answer."""
+        if self.pending is None:
+            return False
+        flag, work = self.pending
+        self.pending = None
+        work.wait()
+        return bool(flag.item())  # a CPU tensor: no device synchronisation
 
 
 def with_padded_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
@@ -242,7 +259,9 @@ class TrainingRun:
         """This rank's micro-batches from `consumed` on: one iterator, or one per model chunk
         (the interleaved schedule runs every micro-batch through every chunk, in its own order)."""
         d = self.cfg.data
-        its = [microbatches(dataset, consumed, d.micro_batch_size, d.global_batch_size)
+        # read ahead: the next global batch is ready (pinned on a GPU) while this one runs
+        its = [Prefetcher(microbatches(dataset, consumed, d.micro_batch_size, d.global_batch_size),
+                          depth=min(self.num_micro + 1, 8), pin=torch.cuda.is_available())
                for _ in self.model]
         return its[0] if len(its) == 1 else its
 
@@ -275,6 +294,8 @@ class TrainingRun:
         with torch.no_grad():
             for _ in range(iters):
                 total += reduce_loss(loss_totals(self._schedule(it, forward_only=True)))
+        for reader in it if isinstance(it, list) else [it]:
+            reader.close()
         for chunk in self.model:
             chunk.train()
         return total / max(iters, 1)
@@ -341,6 +362,7 @@ class TrainingRun:
                 self.save()
         else:
             self.save()
+        self.stop.close()
         if self.writer:
             self.writer.close()
         self.say(run_summary(self.cfg, self.records, self.state.iteration - first_iteration,

@@ -17,6 +17,7 @@ BASE = [
     "schedule.eval_interval=0",
     "logging.quiet=true",
     "logging.tensorboard=false",
+    "logging.log_interval=1",  # a record per step, to compare step by step
     "data.seq_length=128",
     "data.micro_batch_size=2",
     "data.global_batch_size=8",
