@@ -20,11 +20,14 @@ compare the compiled ones with.
 from __future__ import annotations
 
 import functools
+import logging
 import shutil
 
 import torch
 
 from megatron_geno.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def fusions_enabled(model: ModelConfig) -> bool:
@@ -61,10 +64,54 @@ def rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> tor
     return torch.cat((t_rot * cos + rotated * sin, t_pass), dim=-1)
 
 
+class CompiledRegion:
+    """A function run through torch.compile with no silent recompiles or eager fallbacks.
+
+    - The sequence axis (dim 0 of every tensor argument: [seq, batch, ...]) is marked dynamic, so
+      one compilation serves every sequence length (training, evaluation, context-parallel
+      chunks); ``maybe_mark_dynamic`` leaves an axis static where its size makes that necessary.
+    - ``fullgraph``: a graph break is an error, never a region run partly eagerly.
+    - A further compilation (a new dtype, hidden size, batch size or grad mode) is logged once per
+      region with the count so far; so is reaching torch's recompile limit, past which torch runs
+      new inputs eagerly.
+    """
+
+    def __init__(self, name: str, fn) -> None:
+        self.name, self.fn = name, fn
+        self.compiled = torch.compile(fn, dynamic=None, fullgraph=True)
+        self.variants = 0
+        self.said = set()
+
+    def __call__(self, *args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        out = self.compiled(*args)
+        variants = self.compilations()
+        if variants != self.variants:
+            self.variants = variants
+            if variants > 1 and "again" not in self.said:
+                self.said.add("again")
+                log.warning("torch.compile compiled %s again (%d compilations): an input of a "
+                            "new dtype, width or batch size; each new one compiles once more",
+                            self.name, variants)
+            if variants >= torch._dynamo.config.recompile_limit and "limit" not in self.said:
+                self.said.add("limit")
+                log.warning("torch.compile reached its recompile limit (%d) for %s: further new "
+                            "inputs run it eagerly", variants, self.name)
+        return out
+
+    def compilations(self) -> int:
+        """How many compiled variants of the function torch holds."""
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        return len(_debug_get_cache_entry_list(self.fn.__code__))
+
+
 @functools.cache
-def compiled(name: str):
-    """The torch.compile'd form of rms_norm or rope (compiled at first call, once per process)."""
-    return torch.compile({"rms_norm": rms_norm, "rope": rope}[name], dynamic=None)
+def compiled(name: str) -> CompiledRegion:
+    """The compiled form of rms_norm or rope (compiled at first call, one region per process)."""
+    return CompiledRegion(name, {"rms_norm": rms_norm, "rope": rope}[name])
 
 
 def fused_rope(t: torch.Tensor, freqs: torch.Tensor, interleaved: bool = False) -> torch.Tensor:

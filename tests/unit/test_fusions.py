@@ -119,3 +119,21 @@ def test_fusions_on_without_compiler_is_a_config_error(monkeypatch):
     monkeypatch.setattr(fusions.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="model.fusions=on .* C\\+\\+ compiler"):
         fusions.fusions_enabled(ModelConfig(fusions="on"))
+
+
+def test_compiled_regions_compile_once_for_every_sequence_length_and_say_when_again(caplog):
+    """The sequence axis is dynamic: new lengths reuse the one compilation; a new dtype compiles
+    again, and that is logged once (not at every further variant)."""
+    region = fusions.CompiledRegion("rms_norm (test)", lambda x, w, eps: fusions.rms_norm(x, w, eps))
+    w = torch.rand(32) + 0.5
+    for seq in (8, 24, 40, 17):
+        x = torch.randn(seq, 2, 32)
+        torch.testing.assert_close(region(x, w, 1e-5), fusions.rms_norm(x, w, 1e-5), **TOL)
+    assert region.compilations() == 1
+    assert not [r for r in caplog.records if r.name == "megatron_geno.fusions"]
+    with caplog.at_level("WARNING", logger="megatron_geno.fusions"):
+        region(torch.randn(8, 2, 32, dtype=torch.float64), w.double(), 1e-5)
+        region(torch.randn(8, 3, 32, dtype=torch.float64), w.double(), 1e-5)
+    assert region.compilations() >= 2
+    said = [r.getMessage() for r in caplog.records if "compiled rms_norm (test) again" in r.getMessage()]
+    assert len(said) == 1, said
