@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -360,8 +361,14 @@ def _publish(save: Path, tmp: Path, final: Path, iteration: int) -> None:
         shutil.rmtree(replaced)
 
 
-def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState) -> Path:
-    """Saves a complete checkpoint under cfg.checkpoint.save and returns its directory."""
+def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState,
+                    async_queue=None) -> Path:
+    """Saves a complete checkpoint under cfg.checkpoint.save and returns its directory.
+
+    With async_queue (megatron-core's AsyncCallsQueue; checkpoint.async_save) the tensors are
+    staged to host memory and written by a forked process while training goes on; the sealing
+    (checksums) and publishing (rename, ``latest``) run when the queue finalizes the save, after
+    every rank's writer is done, so ``latest`` never names a checkpoint still being written."""
     save = Path(cfg.checkpoint.save)
     final = iteration_dir(save, state.iteration)
     tmp = final.with_name(final.name + ".tmp")
@@ -381,14 +388,26 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         "model_config": dataclasses.asdict(cfg.model),
         "layout": _layout(cfg, optimizer),
     }
-    dist_checkpointing.save(sharded, str(tmp))
+    finish = partial(_seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
+    if async_queue is None:
+        dist_checkpointing.save(sharded, str(tmp))
+        finish()
+    else:
+        request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
+        request.add_finalize_fn(finish)
+        async_queue.schedule_async_request(request)
+    return final
+
+
+def _seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str) -> None:
+    """After every rank has written its part of tmp: checksums, then (rank 0) the rename to final
+    and ``latest``."""
     torch.distributed.barrier()
     _seal(tmp)
-    if rank0:
-        (tmp / "config.yaml").write_text(cfg.to_yaml())
-        _publish(save, tmp, final, state.iteration)
+    if torch.distributed.get_rank() == 0:
+        (tmp / "config.yaml").write_text(config)
+        _publish(save, tmp, final, iteration)
     torch.distributed.barrier()
-    return final
 
 
 def read_common(ckpt: Path) -> dict:

@@ -149,6 +149,10 @@ class CheckpointConfig:
     # read of the checkpoint, shared between ranks)
     verify_checksums: bool = True
     save_on_signal: bool = True
+    # write checkpoints in the background (megatron-core's asynchronous torch_dist save): the
+    # tensors are staged to host memory, training goes on, and the checkpoint is sealed and named
+    # in `latest` once every rank's writer is done (checked at each log interval)
+    async_save: bool = False
     # resume from `save` when it already holds a checkpoint (a restart or SLURM requeue), in place
     # of `load`: a later phase keeps load=<previous phase> + weights_only and still resumes itself
     auto_resume: bool = True

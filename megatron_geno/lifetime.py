@@ -37,15 +37,26 @@ def _set_parent_death_signal(expected_parent: int | None) -> bool:
     return True
 
 
+_forking_pid: int | None = None  # the process now forking (set just before each fork)
+
+
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
+
+
 def _after_fork_in_child() -> None:
-    _set_parent_death_signal(_owner_pid)
+    # tied to the process that forked it, which is the trainer or, for a grandchild (the
+    # asynchronous checkpoint writer forks its file writers), one of its forked children
+    _set_parent_death_signal(_forking_pid)
 
 
 def tie_forked_children() -> None:
-    """Every process forked from this one from now on dies when this one dies."""
+    """Every process forked from this one (or from its forked children) from now on dies when
+    its parent dies."""
     global _owner_pid
     if _owner_pid is None and hasattr(os, "register_at_fork"):
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
     _owner_pid = os.getpid()
 
 

@@ -233,6 +233,11 @@ class TrainingRun:
                                      cfg.logging.wandb_project, cfg.to_dict())
                        if self.rank0 else None)
         self.stop = StopSignal(cfg.checkpoint.save_on_signal)
+        self.async_saves = None
+        if cfg.checkpoint.async_save and cfg.checkpoint.save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_saves = AsyncCallsQueue()
         self.records: list[dict] = []
         self.saved: list[Path] = []
         # (steps, seconds, device loss totals) since the last record
@@ -329,11 +334,27 @@ class TrainingRun:
         return record
 
     def save(self) -> None:
-        if self.cfg.checkpoint.save:
-            path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
-                                   self.state)
+        if not self.cfg.checkpoint.save:
+            return
+        self.finish_saves(blocking=True)  # one save in flight at a time
+        path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
+                               self.state, self.async_saves)
+        if self.async_saves is None:
             self.saved.append(path)
             self.say(f"# saved checkpoint {path}", quiet_log=False)
+        else:
+            self.writing = path
+            self.say(f"# writing checkpoint {path} in the background", quiet_log=False)
+
+    def finish_saves(self, blocking: bool) -> None:
+        """Seals and publishes a background save whose writers are done on every rank (all
+        ranks call this at the same steps: it agrees over them); with blocking, waits for it."""
+        if self.async_saves is None or not self.async_saves.get_num_unfinalized_calls():
+            return
+        self.async_saves.maybe_finalize_async_calls(blocking=blocking)
+        if not self.async_saves.get_num_unfinalized_calls():
+            self.saved.append(self.writing)
+            self.say(f"# saved checkpoint {self.writing}", quiet_log=False)
 
     def run(self) -> list[dict]:
         s, interval = self.cfg.schedule, self.cfg.checkpoint.save_interval
@@ -349,6 +370,7 @@ class TrainingRun:
                        or stopping)
             eval_due = bool(s.eval_interval) and it % s.eval_interval == 0
             if log_due or eval_due:
+                self.finish_saves(blocking=False)  # at a record: the loss read syncs anyway
                 record = self.record(grad_norm, eval_due)
                 self.records.append(record)
                 if self.writer:
@@ -362,6 +384,9 @@ class TrainingRun:
                 self.save()
         else:
             self.save()
+        self.finish_saves(blocking=True)
+        if self.async_saves is not None:
+            self.async_saves.close()
         self.stop.close()
         if self.writer:
             self.writer.close()
