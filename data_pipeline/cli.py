@@ -155,12 +155,16 @@ def _dispatch(args) -> int:
 
 
 def _run(args) -> int:
+    import hashlib
+
     from data_pipeline.manifest import ManifestError, assemblies_from_paths, read_manifest, task_slice
     from data_pipeline.normalise import NormalisationPolicy
     from data_pipeline.corpus_manifest import finalize, prepare_out
     from data_pipeline.pipeline import run
     from data_pipeline.run_config import PipelineConfig
+    from data_pipeline.errors import PipelineError
     from data_pipeline.splits import SplitRules, parse_pairs
+    from megatron_geno.files import DirectoryLock, DirectoryLocked
 
     if bool(args.manifest) == bool(args.fasta):
         raise ManifestError("give either --manifest or FASTA paths")
@@ -177,6 +181,17 @@ def _run(args) -> int:
         part_tokens=args.part_size, compression_level=args.compression_level, codec=args.codec)
     mine = task_slice(assemblies, args.task_index, args.num_tasks)
     out = Path(args.out)
+    # one writer per corpus and set of assemblies (the tasks of a SLURM array, which take
+    # disjoint sets, write side by side)
+    share = hashlib.sha256("\n".join(a.assembly for a in mine).encode()).hexdigest()[:12]
+    lock = None
+    try:
+        if out.is_dir() or not out.exists():  # a file: prepare_out says so
+            lock = DirectoryLock(out, f"writer-{share}")
+    except DirectoryLocked as err:
+        raise PipelineError(str(err)) from None
+    except OSError as err:
+        raise PipelineError(f"cannot write --out {out}: {err.strerror}") from None
     prepare_out(out, config, assemblies, args.force, args.only_listed)
     results = run(mine, out, config, args.workers, args.force, args.read_chunk)
     failed = [(name, info["message"]) for name, status, info in results if status == "error"]
@@ -191,6 +206,8 @@ def _run(args) -> int:
         print(f"task done; run `geno-preprocess finalize {out}` after every task", file=sys.stderr)
         return 0
     manifest = finalize(out)
+    if lock is not None:
+        lock.release()
     t = manifest["totals"]
     print(f"wrote {out}/manifest.json: {len(manifest['assemblies'])} assemblies, "
           f"{t['tokens']:,d} tokens ({t['split_tokens']['train']:,d} train, "

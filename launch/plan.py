@@ -30,6 +30,7 @@ class Plan:
     memory: dict[str, float]  # bytes per GPU (estimate), by part
     gpu_gib: float  # the GPU's memory the plan is checked against
     largest_micro_batch: int | None  # the largest that fits it (global batch unchanged)
+    save_host: dict[str, float]  # host bytes per process while a checkpoint is saved, by part
 
 
 def _norm_bytes(m: ModelConfig) -> int:
@@ -104,6 +105,39 @@ def outside_layers_activations(m: ModelConfig, seq: float, batch: int, vocab: in
             + (4 * m.head_dim() * seq if fused else 0))
 
 
+def _parameters_here(cfg: TrainConfig, dp: int, expert_dp: int) -> tuple[float, float]:
+    """(parameters of the first stage's model-parallel shard, this GPU's share of their
+    optimizer state: divided over DP, and expert-DP for the experts, by the distributed
+    optimizer)."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp, ep, etp = p.tensor_parallel, p.pipeline_parallel, p.expert_parallel, p.expert_tp()
+    counts = count_parameters(m, resolve_padded_vocab(m, VOCAB_SIZE, tp))
+    expert_params = m.num_layers * m.num_experts * counts["per_expert"]
+    dense_params = counts["total"] - expert_params
+    # the first stage holds the embedding; the output layer sits on the last (same size)
+    layer_dense = (dense_params - counts["embeddings"]) / m.num_layers
+    dense_here = (layer_dense * m.num_layers / pp + counts["embeddings"] / 2) / tp
+    experts_here = expert_params / pp / (ep * etp)
+    optimizer_shards = dense_here / (dp if p.distributed_optimizer else 1) + experts_here / (
+        expert_dp if p.distributed_optimizer else 1)
+    return dense_here + experts_here, optimizer_shards
+
+
+def save_host_memory(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
+    """Host (CPU) memory a checkpoint save takes for a while, in bytes per process, by part.
+
+    The optimizer state is saved in its layout-free form: megatron-core's memory-efficient
+    option gathers it over gloo into the host memory of data-parallel rank 0 only (fp32 master
+    weights and both Adam moments, 12 B per parameter of its model-parallel shard); no GPU memory
+    is used for it. checkpoint.async_save also stages each process's part (its bf16 weights and
+    its own optimizer shard) in host memory while the writer runs."""
+    params, optimizer_shards = _parameters_here(cfg, dp, expert_dp)
+    memory = {"optimizer state gathered (DP rank 0 only)": 12 * params}
+    if cfg.checkpoint.async_save:
+        memory["staged for the background writer (every rank)"] = 2 * params + 12 * optimizer_shards
+    return memory
+
+
 def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
     """Returns an estimate of bytes per GPU on the busiest (first) pipeline stage, by part.
 
@@ -124,16 +158,7 @@ def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float
     tp, pp, cp, ep, etp = (p.tensor_parallel, p.pipeline_parallel, p.context_parallel,
                            p.expert_parallel, p.expert_tp())
     vocab = resolve_padded_vocab(m, VOCAB_SIZE, tp)
-    counts = count_parameters(m, vocab)
-    expert_params = m.num_layers * m.num_experts * counts["per_expert"]
-    dense_params = counts["total"] - expert_params
-    # the first stage holds the embedding; the output layer sits on the last (same size)
-    layer_dense = (dense_params - counts["embeddings"]) / m.num_layers
-    dense_here = (layer_dense * m.num_layers / pp + counts["embeddings"] / 2) / tp
-    experts_here = expert_params / pp / (ep * etp)
-    params = dense_here + experts_here
-    optimizer_shards = dense_here / (dp if p.distributed_optimizer else 1) + experts_here / (
-        expert_dp if p.distributed_optimizer else 1)
+    params, optimizer_shards = _parameters_here(cfg, dp, expert_dp)
     seq, batch = d.seq_length / (tp * cp), d.micro_batch_size  # this GPU's share
     tokens = seq * batch
     per_layer = sum(layer_activations(m, seq, batch).values())
@@ -193,7 +218,8 @@ def plan(cfg: TrainConfig, world_size: int, token_budget: float | None,
     steps = math.ceil(token_budget / tokens) if token_budget else None
     return Plan(world_size, dp, expert_dp, d.global_batch_size // (d.micro_batch_size * dp),
                 tokens, steps, memory_per_gpu(cfg, dp, expert_dp), gpu_gib,
-                largest_micro_batch(cfg, world_size, gpu_gib))
+                largest_micro_batch(cfg, world_size, gpu_gib),
+                save_host_memory(cfg, dp, expert_dp))
 
 
 def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> str:
@@ -217,6 +243,9 @@ def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> s
     unit, scale = ("GiB", GIB) if total >= GIB / 10 else ("MiB", 1 << 20)
     lines.append(f"memory     ~{total / scale:.1f} {unit} per GPU (first pipeline stage, estimate):")
     lines += [f"             {v / scale:8.2f} {unit}  {k}" for k, v in result.memory.items()]
+    save = result.save_host
+    lines.append("save       host memory per process while a checkpoint is written: "
+                 + "; ".join(f"{v / GIB:.1f} GiB {k}" for k, v in save.items()))
     room = (f"{result.gpu_gib * (1 - HEADROOM):.1f} GiB ({result.gpu_gib:g} GiB per GPU less "
             f"{HEADROOM:.0%} headroom)")
     best = result.largest_micro_batch

@@ -277,6 +277,9 @@ def _layout(cfg: TrainConfig, optimizer) -> dict:
 OPTIMIZER_METADATA = {
     "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,  # same tensor keys whether or not experts get their own optimizer
+    # gathered over gloo into host memory of DP rank 0 only (by default every DP rank gathers the
+    # whole state of its model-parallel shard, through GPU memory); the stored form is the same
+    "distrib_optim_fully_reshardable_mem_efficient": True,
 }
 
 

@@ -87,13 +87,13 @@ def main(argv=None) -> int:
     quiet_known_warnings(args.verbose)  # again: basicConfig set the levels
     from megatron_geno import distributed
     from megatron_geno.checkpointing import CheckpointError
-    from megatron_geno.train import train
+    from megatron_geno.train import TrainingDiverged, train
 
     from data_pipeline.errors import ShardError
 
     try:
         train(cfg)
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, TrainingDiverged) as err:
         print(f"geno-train: error: {err}", file=sys.stderr)
         distributed.destroy()  # every rank meets these alike; no rank is left in a collective
         return 2

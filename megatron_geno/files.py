@@ -7,9 +7,27 @@ never a half file under the final name.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import tempfile
 from pathlib import Path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def shareable(path: str | Path) -> Path:
+    """Gives a file or directory made by tempfile (0600 / 0700 whatever the umask) the mode any
+    other new file gets (0666 / 0777 less the umask), so that what is published can be shared
+    as the user's umask says: a team's checkpoints, corpora and exports."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+    return path
 
 
 def fsync_path(path: str | Path) -> None:
@@ -44,7 +62,7 @@ def write_files_atomic(finals: list[str | Path], write) -> None:
         for final in finals:
             fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
             os.close(fd)
-            temps.append(Path(tmp))
+            temps.append(shareable(tmp))
         write(temps)
         for tmp in temps:
             fsync_path(tmp)
@@ -70,7 +88,7 @@ def fresh_temp_dir(beside: str | Path) -> Path:
     """
     beside = Path(beside)
     beside.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
+    return shareable(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
 
 
 def publish_dir(tmp: str | Path, final: str | Path) -> None:
@@ -88,3 +106,35 @@ def publish_dir(tmp: str | Path, final: str | Path) -> None:
             raise FileExistsError(f"{final} exists and is not empty") from err
         raise
     fsync_path(final.parent)
+
+
+class DirectoryLocked(RuntimeError):
+    """Another process holds the directory's writer lock; the message names it."""
+
+
+class DirectoryLock:
+    """One writer per output directory: an advisory lock (``fcntl.flock``) on DIR/.geno-NAME.lock,
+    which holds the holder's host and pid. The kernel releases it when the holder exits, however
+    it ends (a SIGKILLed writer leaves no stale lock). On a shared filesystem it holds across
+    nodes where the filesystem supports flock (NFSv4, Lustre mounted with ``flock``)."""
+
+    def __init__(self, directory: str | Path, name: str = "writer") -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / f".geno-{name}.lock"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise DirectoryLocked(f"{directory} is being written by {holder}; wait for it to "
+                                  f"end or write elsewhere") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import time
 from functools import partial
@@ -31,6 +32,7 @@ from megatron_geno.checkpointing import (
 from megatron_geno.config import ConfigError, TrainConfig, warmup_steps
 from megatron_geno.data import Prefetcher, build_datasets, microbatches
 from megatron_geno.evaluation.during_training import training_eval
+from megatron_geno.files import DirectoryLock, DirectoryLocked
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
                                  use_transformer_engine, wrap_ddp)
@@ -186,6 +188,10 @@ def check_context_parallel_kernel(cfg: TrainConfig) -> None:
                           f"(model.attention_backend=te)")
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients became non-finite; the message says where and what to do."""
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Trains per cfg and returns the logged records (also written to RUN_DIR/metrics.jsonl)."""
     return TrainingRun(cfg).run()
@@ -200,6 +206,7 @@ class TrainingRun:
         distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
         check_context_parallel_kernel(cfg)
         self.rank0 = distributed.rank() == 0
+        self.lock = self._lock_checkpoint_dir(cfg)
         self.run_dir = Path(cfg.logging.run_dir)
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size)
@@ -242,6 +249,24 @@ class TrainingRun:
         self.saved: list[Path] = []
         # (steps, seconds, device loss totals) since the last record
         self.pending = (0, 0.0, torch.zeros(2, device=_device()))
+
+    def _lock_checkpoint_dir(self, cfg: TrainConfig):
+        """Rank 0 takes checkpoint.save's writer lock before anything is read or written; every
+        rank stops alike (ConfigError) when another run holds it."""
+        if not cfg.checkpoint.save:
+            return None
+        lock, why = None, [""]
+        if self.rank0:
+            try:
+                lock = DirectoryLock(cfg.checkpoint.save)
+            except DirectoryLocked as err:
+                why = [str(err)]
+            except OSError as err:
+                why = [f"cannot write {cfg.checkpoint.save}: {err.strerror}"]
+        torch.distributed.broadcast_object_list(why, src=0)
+        if why[0]:
+            raise ConfigError(f"checkpoint.save: {why[0]}")
+        return lock
 
     def _connect_schedule_hooks(self) -> None:
         config = self.model[0].config
@@ -290,6 +315,25 @@ class TrainingRun:
         self.state.consumed_samples += self.cfg.data.global_batch_size
         return outputs, grad_norm, time.perf_counter() - start
 
+    def checked_step(self):
+        """step(), with megatron-core's non-finite loss and gradient checks (its rerun state
+        machine) turned into TrainingDiverged: one line naming the iteration and the last good
+        checkpoint; nothing is saved from these weights."""
+        try:
+            return self.step()
+        except RuntimeError as err:
+            if "Unexpected result" not in str(err):
+                raise
+            what = str(err).split("message=")[-1].strip("'()") if "message=" in str(err) else ""
+            raise TrainingDiverged(self.diverged(f"non-finite values ({what or err})")) from None
+
+    def diverged(self, what: str) -> str:
+        last = self.saved[-1] if self.saved else None
+        return (f"iteration {self.state.iteration + 1}: {what}; nothing was saved from these "
+                f"weights. The last good checkpoint is "
+                + (f"{last}" if last else "none of this run's")
+                + ": resume from it with a lower optimizer.lr, or optimizer.clip_grad > 0")
+
     def validation_loss(self) -> float:
         iters = self.cfg.schedule.eval_iters
         for chunk in self.model:
@@ -314,8 +358,12 @@ class TrainingRun:
         self.pending = (0, 0.0, torch.zeros(2, device=_device()))
         tokens_per_s = steps * d.global_batch_size * d.seq_length / seconds
         per_gpu = tokens_per_s * self.flops_token / self.world
+        loss = reduce_loss(totals)
+        if not math.isfinite(loss):
+            self.state.iteration -= 1  # diverged() names the step that was running
+            raise TrainingDiverged(self.diverged(f"the loss is {loss}"))
         record = {
-            "step": self.state.iteration, "loss": reduce_loss(totals),
+            "step": self.state.iteration, "loss": loss,
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s, "flops_per_token": self.flops_token,
@@ -360,7 +408,7 @@ class TrainingRun:
         s, interval = self.cfg.schedule, self.cfg.checkpoint.save_interval
         first_iteration, started = self.state.iteration, time.perf_counter()
         while self.state.iteration < s.train_iters:
-            outputs, grad_norm, elapsed = self.step()
+            outputs, grad_norm, elapsed = self.checked_step()
             steps, seconds, totals = self.pending
             self.pending = (steps + 1, seconds + elapsed, totals + loss_totals(outputs))
             it = self.state.iteration

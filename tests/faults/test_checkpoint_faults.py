@@ -228,3 +228,45 @@ def test_resave_of_an_iteration_replaces_it_completely(ck, tmp_path):
     assert (ck / "latest").read_text().strip() == "4"
     assert structural_fault(ck / "iter_0000004") is None
     assert verify_checksums(ck / "iter_0000004") == []
+
+
+def test_a_second_run_on_the_same_save_directory_is_refused(ck, tmp_path):
+    """Two geno-train runs on one checkpoint.save: the second is refused at start, naming the
+    holder (host, pid), and the directory is unchanged; once the first ends, a run proceeds. The
+    saved checkpoints are readable by the group and others as the umask says."""
+    import os
+    import stat
+
+    from megatron_geno.files import DirectoryLock
+
+    held = DirectoryLock(ck)  # as a running geno-train on ck holds it
+    try:
+        before = tree(ck)
+        line = error_line(train(tmp_path / "run", "schedule.train_iters=6",
+                                f"checkpoint.save={ck}"))
+        assert "checkpoint.save" in line and f"pid {os.getpid()}" in line, line
+        assert tree(ck) == before
+    finally:
+        held.release()
+    proc = train(tmp_path / "run", "schedule.train_iters=5", f"checkpoint.save={ck}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ck / "latest").read_text().strip() == "5"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for published in (ck / "latest", ck / "iter_0000005" / "checksums.json"):
+        assert stat.S_IMODE(published.stat().st_mode) == 0o666 & ~umask, published
+
+
+def test_diverging_training_is_one_line_naming_the_last_good_checkpoint(tmp_path):
+    """Non-finite gradients (megatron-core's check, as an lr of 1e12 brings at step 2): one
+    line with the iteration and the last good checkpoint; nothing saved after it."""
+    ck = tmp_path / "ck"
+    line = error_line(train(tmp_path / "run", "schedule.train_iters=20", "optimizer.lr=1e12",
+                            "optimizer.min_lr=1e11", "schedule.warmup_iters=0",
+                            "optimizer.clip_grad=0", "checkpoint.save_interval=1",
+                            f"checkpoint.save={ck}"))
+    assert "iteration 2: non-finite values" in line, line
+    assert str(ck / "iter_0000001") in line and "nothing was saved" in line
+    assert (ck / "latest").read_text().strip() == "1"
+    assert sorted(p.name for p in ck.iterdir() if not p.name.startswith(".")) == [
+        "iter_0000001", "latest"]

@@ -158,3 +158,27 @@ def test_training_on_a_damaged_corpus_is_one_line(fastas, tmp_path):
     line = error_line(train(tmp_path / "run", "schedule.train_iters=2", "schedule.eval_interval=0",
                             "data.seq_length=64", "data.source=zarr", f"data.blend=[{corpus}]"))
     assert str(shard) in line and "truncated" in line
+
+
+def test_a_second_writer_of_the_same_assemblies_is_refused(fastas, tmp_path):
+    """Two `run`s of the same assemblies into one --out: the second is refused at start, naming
+    the holder; a run of other assemblies (another SLURM array task) is not."""
+    import hashlib
+
+    from megatron_geno.files import DirectoryLock
+
+    corpus = tmp_path / "corpus"
+    assert preprocess("run", "--out", str(corpus), str(fastas[2])).returncode == 0
+    share = hashlib.sha256(b"a0").hexdigest()[:12]
+    held = DirectoryLock(corpus, f"writer-{share}")  # as a run of a0 in progress holds it
+    try:
+        before = tree(corpus)
+        line = error_line(preprocess("run", "--out", str(corpus), str(fastas[0])))
+        assert f"pid {os.getpid()}" in line and str(corpus) in line
+        assert tree(corpus) == before
+        proc = preprocess("run", "--out", str(corpus), str(fastas[1]))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    finally:
+        held.release()
+    proc = preprocess("run", "--out", str(corpus), str(fastas[0]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
