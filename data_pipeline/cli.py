@@ -159,8 +159,6 @@ def _run(args) -> int:
 
     from data_pipeline.manifest import ManifestError, assemblies_from_paths, read_manifest, task_slice
     from data_pipeline.normalise import NormalisationPolicy
-    from data_pipeline.corpus_manifest import finalize, prepare_out
-    from data_pipeline.pipeline import run
     from data_pipeline.run_config import PipelineConfig
     from data_pipeline.errors import PipelineError
     from data_pipeline.splits import SplitRules, parse_pairs
@@ -192,6 +190,17 @@ def _run(args) -> int:
         raise PipelineError(str(err)) from None
     except OSError as err:
         raise PipelineError(f"cannot write --out {out}: {err.strerror}") from None
+    try:
+        return _run_locked(args, out, config, assemblies, mine)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
+    from data_pipeline.corpus_manifest import finalize, prepare_out
+    from data_pipeline.pipeline import run
+
     prepare_out(out, config, assemblies, args.force, args.only_listed)
     results = run(mine, out, config, args.workers, args.force, args.read_chunk)
     failed = [(name, info["message"]) for name, status, info in results if status == "error"]
@@ -206,8 +215,6 @@ def _run(args) -> int:
         print(f"task done; run `geno-preprocess finalize {out}` after every task", file=sys.stderr)
         return 0
     manifest = finalize(out)
-    if lock is not None:
-        lock.release()
     t = manifest["totals"]
     print(f"wrote {out}/manifest.json: {len(manifest['assemblies'])} assemblies, "
           f"{t['tokens']:,d} tokens ({t['split_tokens']['train']:,d} train, "

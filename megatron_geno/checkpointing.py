@@ -483,6 +483,12 @@ def load_checkpoint(
         check_architecture(common["model_config"], cfg.model, ckpt)
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
     weights_only = cfg.checkpoint.weights_only or common.get("weights_only", False)
+    saved, now = saved_tokenizer(ckpt), cfg.data.tokenizer
+    if not weights_only and _tokenizer_key(saved) != _tokenizer_key(now):
+        raise CheckpointError(
+            f"checkpoint {ckpt} was trained with data.tokenizer={saved} and this run says "
+            f"data.tokenizer={now}: its token ids would mean other bases. A resume keeps the "
+            f"tokenizer; to start a new run from these weights, add checkpoint.weights_only=true")
     saved_layout = {"virtual_pipeline": 1, **common.get("layout", {})}  # older: no such key
     same_layout = saved_layout == _layout(cfg, optimizer)
     # experts get an optimizer of their own when EP > 1: across that change the optimizer's
@@ -538,6 +544,13 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _tokenizer_key(spec: str) -> str:
+    """data.tokenizer with the built-in's aliases made one (geno = geno:upper)."""
+    from megatron_geno.tokenizer import GENO_SPECS
+
+    return f"geno:{GENO_SPECS[spec]}" if spec in GENO_SPECS else spec
 
 
 def saved_tokenizer(ckpt: Path) -> str:

@@ -201,17 +201,34 @@ class GenoGPTDataset(GPTDataset):
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
 
-def zarr_blend_per_split(blend: list, needed: list[bool]) -> list:
+def tokenizer_soft_mask(spec: str) -> str:
+    """The soft-mask policy of data.tokenizer: the built-in's, or what an HF export declares."""
+    from megatron_geno.tokenizer import GENO_SPECS, read_hf_soft_mask
+
+    if spec in GENO_SPECS:
+        return GENO_SPECS[spec]
+    return read_hf_soft_mask(Path(spec)) or "upper"
+
+
+def zarr_blend_per_split(blend: list, needed: list[bool], soft_mask: str = "upper") -> list:
     """Returns megatron-core's blend_per_split from [weight, corpus, ...]: the manifests' splits.
 
     A split that is needed (train always; valid when evaluating) but has no documents in any
-    corpus is a ConfigError naming the corpora.
+    corpus is a ConfigError naming the corpora; so is a corpus made under another soft-mask
+    policy than the tokenizer's (``soft_mask``): its token ids would mean other bases.
     """
     paths, weights = parse_blend(blend)
     try:
         manifests = [read_manifest_json(Path(corpus)) for corpus in paths]
     except PipelineError as err:
         raise ConfigError(f"data.blend: {err}") from None
+    for corpus, manifest in zip(paths, manifests):
+        made = manifest.get("config", {}).get("policy", {}).get("soft_mask", "upper")
+        if made != soft_mask:
+            raise ConfigError(
+                f"data.blend: corpus {corpus} was made with --soft-mask {made}, but the tokenizer "
+                f"reads soft-masked bases as {soft_mask!r}; set data.tokenizer="
+                f"{'geno:keep' if made == 'keep' else 'geno'} (or remake the corpus)")
     per_split = []
     for split, need in zip(("train", "valid", "test"), needed):
         chosen, chosen_weights = [], []
@@ -242,7 +259,8 @@ def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
     ]
     sources: dict = {}
     if d.source == "zarr":
-        per_split = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False])
+        per_split = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False],
+                                         tokenizer_soft_mask(d.tokenizer))
         sizes = [size if blend else None for size, blend in zip(sizes, per_split)]
         sources["blend_per_split"] = per_split
     elif d.source == "megatron" and (per_split := megatron_blend_per_split(

@@ -135,6 +135,9 @@ class DirectoryLock:
         self.fd = fd
 
     def release(self) -> None:
+        """Removes the lock file (while still holding it) and releases the lock. A writer that
+        dies without this leaves the file, holding its last holder's name, but no lock."""
         if self.fd is not None:
+            self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None

@@ -436,6 +436,8 @@ class TrainingRun:
         if self.async_saves is not None:
             self.async_saves.close()
         self.stop.close()
+        if self.lock is not None:
+            self.lock.release()
         if self.writer:
             self.writer.close()
         self.say(run_summary(self.cfg, self.records, self.state.iteration - first_iteration,

@@ -270,3 +270,17 @@ def test_diverging_training_is_one_line_naming_the_last_good_checkpoint(tmp_path
     assert (ck / "latest").read_text().strip() == "1"
     assert sorted(p.name for p in ck.iterdir() if not p.name.startswith(".")) == [
         "iter_0000001", "latest"]
+
+
+def test_a_resume_under_another_tokenizer_is_refused(ck, tmp_path):
+    """The soft-mask policy is part of the tokenizer: resuming a geno (upper) run with geno:keep
+    is one line naming both and the way to start anew from the weights, which then works."""
+    before = tree(ck)
+    line = error_line(train(tmp_path / "run", "schedule.train_iters=6", "data.tokenizer=geno:keep",
+                            f"checkpoint.load={ck}"))
+    assert "data.tokenizer=geno " in line and "data.tokenizer=geno:keep" in line, line
+    assert "checkpoint.weights_only=true" in line
+    assert tree(ck) == before
+    proc = train(tmp_path / "fresh", "schedule.train_iters=2", "data.tokenizer=geno:keep",
+                 "checkpoint.weights_only=true", f"checkpoint.load={ck}")
+    assert proc.returncode == 0, proc.stderr[-3000:]

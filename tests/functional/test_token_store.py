@@ -78,3 +78,19 @@ def test_unfinished_corpus_is_one_clear_error(tmp_path):
     code, err = geno_train_error(tmp_path / "run", "data.source=zarr",
                                  f"data.blend=['{tmp_path / 'c'}']")
     assert code == 2 and "manifest.json does not exist" in err
+
+
+def test_a_corpus_trains_only_under_its_own_soft_mask_policy(tmp_path):
+    """A corpus made with --soft-mask keep holds ids 10-14 for soft-masked bases: the default
+    tokenizer (upper) is refused naming the corpus and both policies; geno:keep trains."""
+    path = write_fasta(tmp_path / "a.fa", {"chr1": genome(0, {"chr1": 20_000})["chr1"].lower()})
+    assert run_cli("run", path, "--out", tmp_path / "c", "--soft-mask", "keep") == 0
+    data = ["data.source=zarr", f"data.blend=['{tmp_path / 'c'}']", "schedule.eval_interval=0",
+            "schedule.warmup_iters=0"]
+    code, err = geno_train_error(tmp_path / "run", *data, "schedule.train_iters=1")
+    line = next(line for line in err.splitlines() if "error:" in line)
+    assert code == 2 and str(tmp_path / "c") in line and "--soft-mask keep" in line, err[-2000:]
+    assert "data.tokenizer=geno:keep" in line
+    records = geno_train(tmp_path / "keep", *data, "schedule.train_iters=1",
+                         "data.tokenizer=geno:keep")
+    assert [r["step"] for r in records] == [1]
