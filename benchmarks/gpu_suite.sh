@@ -7,6 +7,7 @@
 # fits on this GPU; the old path: SequentialMLP, eager elementwise work, torch's default AdamW),
 # one context-parallel rank of the 32K, 128K and 1M phases alone (benchmarks/cp_attention.py:
 # time, MFU of the attention, peak memory, difference from whole-sequence flash attention at 32K),
+# the host reads of whole training steps and sync vs async checkpoint saves (tiny shapes),
 # a profiler top-20 table and peak memory beside the memory plan's estimate, and prints one
 # dated markdown block for docs/benchmarks.md (also written to OUT/block.md; OUT/partial.md
 # gets each result as it comes, for a run cut short). With Transformer Engine importable it also
@@ -98,6 +99,14 @@ fi
 CP_TABLE=$("$PY" benchmarks/cp_attention.py "${CP_ROWS[@]}" 2>>"$LOG") \
     || CP_TABLE="(benchmarks/cp_attention.py ${CP_ROWS[*]} failed: see suite.log)"
 echo "$CP_TABLE" >> "$PARTIAL"
+step "host reads of whole steps, checkpoint saves"
+# on a GPU the reads are of device tensors: each one a wait (issue "The paths a GPU cluster runs")
+READS=$("$PY" benchmarks/op_count.py --whole-step --preset tiny 2>>"$LOG") \
+    || READS="(benchmarks/op_count.py --whole-step failed: see suite.log)"
+echo "$READS" >> "$PARTIAL"
+SAVES=$("$PY" benchmarks/checkpoint_save.py 2>>"$LOG") \
+    || SAVES="(benchmarks/checkpoint_save.py failed: see suite.log)"
+echo "$SAVES" >> "$PARTIAL"
 step "profile"
 PROFILE_OUT=$("$PY" benchmarks/profile_step.py "${PROFILE[@]}" 2>>"$LOG")
 ELAPSED=$(( $(date +%s) - START ))
@@ -119,6 +128,12 @@ TE=$("$PY" -c "import transformer_engine" >/dev/null 2>&1 && echo "Transformer E
     echo "Context parallelism (benchmarks/cp_attention.py ${CP_ROWS[*]}):"
     echo
     echo "$CP_TABLE"
+    echo
+    echo "Host reads of whole training steps (benchmarks/op_count.py --whole-step --preset tiny):"
+    echo "$READS"
+    echo
+    echo "Checkpoint saves, synchronous vs asynchronous (benchmarks/checkpoint_save.py):"
+    echo "$SAVES"
     echo
     echo "Profile (benchmarks/profile_step.py ${PROFILE[*]}):"
     echo "$PROFILE_OUT"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -134,11 +136,16 @@ class StopSignal:
             if torch.distributed.get_backend() != "gloo" else None
         self.pending = None  # (flag, work) of the reduction the previous step started
         if enabled:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame) -> None:
-        log.warning("received signal %d: saving a checkpoint after this step, then exiting", signum)
+        if signum == signal.SIGINT and self.received:  # a second Ctrl-C: stop now, no save
+            print("geno-train: interrupted twice: exiting without saving", file=sys.stderr,
+                  flush=True)
+            os._exit(130)
+        log.warning("received signal %d: saving a checkpoint after the next step, then exiting%s",
+                    signum, " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "")
         self.received = True
 
     def any_rank(self) -> bool:

@@ -116,8 +116,10 @@ def test_bad_checkpoints_are_one_clear_error(tmp_path):
     assert code == 2 and "is corrupt" in err
 
 
-def test_sigusr1_saves_and_exits_cleanly(tmp_path):
-    import json
+@pytest.mark.parametrize("signum", ["SIGUSR1", "SIGINT"])
+def test_a_signal_saves_and_exits_cleanly(tmp_path, signum):
+    """SIGUSR1 (SLURM's warning before the time limit), SIGTERM and Ctrl-C (SIGINT): the run
+    saves after the next step and exits 0."""
     import signal
     import subprocess
     import time
@@ -133,7 +135,7 @@ def test_sigusr1_saves_and_exits_cleanly(tmp_path):
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         time.sleep(0.5)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(getattr(signal, signum))
     assert proc.wait(timeout=240) == 0, proc.stderr.read()[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert (ck / "latest").read_text().strip() == str(steps[-1])
