@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
-from megatron_geno.config import ConfigError, TrainConfig, load_config
+from megatron_geno.config import ConfigError, TrainConfig, load_config, read_yaml_file
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -40,10 +39,9 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> tuple[TrainConfig, L
     """Returns (config, launch section, recipe file). train_iters and warmup_iters come from the
     token budget and warmup fraction unless given as overrides."""
     path = recipe_path(name_or_path)
-    try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {path} is not valid YAML: {err}") from err
+    tree = read_yaml_file(path, "recipe") or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path} must be a mapping at the top level")
     raw = tree.get("launch") or {}
     fields = {f.name for f in dataclasses.fields(LaunchSection)}
     unknown = sorted(set(raw) - fields)

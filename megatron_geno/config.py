@@ -205,6 +205,42 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without aliases (``*name``): a few bytes of nested aliases expand to gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted in configs", mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML text read safely and without aliases; ConfigError naming `what` and the line."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+
+
+def read_yaml_file(path: str | Path, what: str) -> Any:
+    """A YAML file's content (parse_yaml); ConfigError for a file that cannot be read, a
+    directory, or one that is not UTF-8 text."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
+    return parse_yaml(text, f"{what} {path}")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Returns (key path, value) from ``a.b=c``; the value is read as YAML (numbers, lists, null)."""
     if "=" not in text:
@@ -212,7 +248,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r} has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), parse_yaml(raw, f"override {text!r}") if raw != "" else ""
 
 
 def _set_nested(tree: dict, path: list[str], value: Any) -> None:
@@ -278,12 +314,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
 
     tree: dict = {}
     if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config {path} is not valid YAML: {err}") from err
+        tree = read_yaml_file(path, "config") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config {path} must be a mapping at the top level")
         tree.pop("launch", None)  # a recipe's launch section is geno-launch's (launch/recipe.py)

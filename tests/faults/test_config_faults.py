@@ -89,3 +89,33 @@ def test_config_errors_come_before_megatron_core_is_imported():
             "print(rc, 'megatron.core' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+
+
+BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '1, 2, 3'}]\n"
+               for i in range(8))  # 9^7 leaves from 200 bytes, were aliases expanded
+
+
+@pytest.mark.parametrize("name,content,expected", [
+    ("list.yaml", b"- a\n- b\n", "must be a mapping at the top level"),
+    ("latin1.yaml", b"model:\n  preset: \xe9\n", "is not UTF-8 text (byte 17)"),
+    ("broken.yaml", b"model:\n  preset: [tiny\n", "is not valid YAML (line 3)"),
+    ("bomb.yaml", BOMB.encode(), "YAML aliases (*name) are not accepted"),
+    ("directory", None, "Is a directory"),
+])
+@pytest.mark.parametrize("kind", ["config", "recipe"])
+def test_bad_config_and_recipe_files_are_one_line(tmp_path, name, content, expected, kind):
+    from launch.recipe import load_recipe
+
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_config(path) if kind == "config" else load_recipe(str(path), [])
+    assert expected in str(err.value) and str(path) in str(err.value), str(err.value)
+
+
+def test_an_override_that_is_not_yaml_is_one_line(tmp_path):
+    line = error_line(train(tmp_path / "run", "model.num_layers=[2"))
+    assert "override 'model.num_layers=[2' is not valid YAML" in line
