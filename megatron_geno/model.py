@@ -282,7 +282,11 @@ def wrap_ddp(model: GPTModel, cfg: TrainConfig) -> DistributedDataParallel:
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and torch.cuda.is_available(),
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # megatron-core's check reads two norms per gradient bucket from the device before the
+        # reduction (tens of waits per step on a GPU); the loop checks the clipped gradient norm
+        # megatron-core reads anyway, the logged loss, and the pending loss before every save
+        # (train.py: TrainingDiverged)
+        check_for_nan_in_grad=False,
         bucket_size=platform.ddp_bucket_size(),
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)

@@ -332,11 +332,12 @@ class TrainingRun:
             if "Unexpected result" not in str(err):
                 raise
             what = str(err).split("message=")[-1].strip("'()") if "message=" in str(err) else ""
-            raise TrainingDiverged(self.diverged(f"non-finite values ({what or err})")) from None
+            raise TrainingDiverged(self.diverged(self.state.iteration + 1,
+                                                 f"non-finite values ({what or err})")) from None
 
-    def diverged(self, what: str) -> str:
+    def diverged(self, iteration: int, what: str) -> str:
         last = self.saved[-1] if self.saved else None
-        return (f"iteration {self.state.iteration + 1}: {what}; nothing was saved from these "
+        return (f"iteration {iteration}: {what}; nothing was saved from these "
                 f"weights. The last good checkpoint is "
                 + (f"{last}" if last else "none of this run's")
                 + ": resume from it with a lower optimizer.lr, or optimizer.clip_grad > 0")
@@ -367,8 +368,7 @@ class TrainingRun:
         per_gpu = tokens_per_s * self.flops_token / self.world
         loss = reduce_loss(totals)
         if not math.isfinite(loss):
-            self.state.iteration -= 1  # diverged() names the step that was running
-            raise TrainingDiverged(self.diverged(f"the loss is {loss}"))
+            raise TrainingDiverged(self.diverged(self.state.iteration, f"the loss is {loss}"))
         record = {
             "step": self.state.iteration, "loss": loss,
             "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
@@ -391,6 +391,9 @@ class TrainingRun:
     def save(self) -> None:
         if not self.cfg.checkpoint.save:
             return
+        steps, _, totals = self.pending  # never a checkpoint of weights that gave a non-finite loss
+        if steps and not math.isfinite(loss := reduce_loss(totals)):
+            raise TrainingDiverged(self.diverged(self.state.iteration, f"the loss is {loss}"))
         self.finish_saves(blocking=True)  # one save in flight at a time
         path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
                                self.state, self.async_saves)
@@ -416,6 +419,9 @@ class TrainingRun:
         first_iteration, started = self.state.iteration, time.perf_counter()
         while self.state.iteration < s.train_iters:
             outputs, grad_norm, elapsed = self.checked_step()
+            if grad_norm is not None and not math.isfinite(grad_norm):  # read by megatron-core
+                raise TrainingDiverged(self.diverged(self.state.iteration,
+                                                     f"the gradient norm is {grad_norm}"))
             steps, seconds, totals = self.pending
             self.pending = (steps + 1, seconds + elapsed, totals + loss_totals(outputs))
             it = self.state.iteration
