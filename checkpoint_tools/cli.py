@@ -126,6 +126,9 @@ def main(argv=None) -> int:
     except (ConversionError, CheckpointError) as err:
         print(f"geno-convert: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the output's temporary directory is removed on the way out
+        print("geno-convert: interrupted: nothing was written", file=sys.stderr)
+        return 130
     finally:  # the one-process group of checkpoint I/O and verify; gloo aborts if it outlives exit
         import torch
 

@@ -116,6 +116,10 @@ def main(argv=None) -> int:
     except (FastaError, ManifestError, PolicyError, PipelineError, ShardError, SplitError) as err:
         print(f"geno-preprocess: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each unfinished assembly's temporary group is removed
+        print("geno-preprocess: interrupted: finished assemblies are kept and a rerun of the same "
+              "command continues with the rest", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args) -> int:

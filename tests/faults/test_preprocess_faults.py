@@ -182,3 +182,33 @@ def test_a_second_writer_of_the_same_assemblies_is_refused(fastas, tmp_path):
         held.release()
     proc = preprocess("run", "--out", str(corpus), str(fastas[0]))
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_continues(tmp_path):
+    """Ctrl-C (SIGINT to the process) in the middle of an assembly: exit 130 with one line, no
+    traceback, no temporary group left; the same command then finishes the corpus."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.functional.launcher import quiet_env
+    from tests.genomes import genome
+
+    path = write_fasta(tmp_path / "big.fa", genome(0, {"chr1": 1_500_000}))
+    corpus = tmp_path / "corpus"
+    cmd = [sys.executable, "-m", "data_pipeline.cli", "run", str(path), "--out", str(corpus),
+           "--read-chunk", "1K"]
+    proc = subprocess.Popen(cmd, env=quiet_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((corpus / "shards").glob(".*.tmp/part-00000")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130, err[-2000:]
+    assert "Traceback" not in err and "geno-preprocess: interrupted" in err, err[-2000:]
+    assert not list((corpus / "shards").glob(".*.tmp"))
+    assert preprocess("run", str(path), "--out", str(corpus)).returncode == 0
+    assert manifest_assemblies(corpus) == ["big"]
