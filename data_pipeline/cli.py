@@ -172,6 +172,8 @@ def _run(args) -> int:
         raise ManifestError("give either --manifest or FASTA paths")
     if args.workers < 1:
         raise ManifestError(f"--workers must be >= 1, got {args.workers}")
+    if args.read_chunk < 1024:
+        raise ManifestError(f"--read-chunk must be at least 1K, got {args.read_chunk} bytes")
     assemblies = (read_manifest(args.manifest) if args.manifest
                   else assemblies_from_paths(args.fasta, args.species))
     config = PipelineConfig(
@@ -206,7 +208,9 @@ def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
     from data_pipeline.pipeline import run
 
     prepare_out(out, config, assemblies, args.force, args.only_listed)
-    results = run(mine, out, config, args.workers, args.force, args.read_chunk)
+    # no more worker processes than assemblies to give them
+    results = run(mine, out, config, min(args.workers, max(len(mine), 1)), args.force,
+                  args.read_chunk)
     failed = [(name, info["message"]) for name, status, info in results if status == "error"]
     done = {s: sum(1 for _, st, _ in results if st == s) for s in ("written", "skipped")}
     print(f"{len(mine)} assemblies: {done['written']} written, {done['skipped']} already done, "
@@ -220,6 +224,13 @@ def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
         return 0
     manifest = finalize(out)
     t = manifest["totals"]
+    if not t["tokens"]:
+        policy = config.policy
+        print(f"geno-preprocess: error: {out} holds no sequence: every contig of "
+              f"{', '.join(a['assembly'] for a in manifest['assemblies'])} is shorter than "
+              f"--min-length {policy.min_length} or more than --max-n-fraction "
+              f"{policy.max_n_fraction:g} N", file=sys.stderr)
+        return 2
     print(f"wrote {out}/manifest.json: {len(manifest['assemblies'])} assemblies, "
           f"{t['tokens']:,d} tokens ({t['split_tokens']['train']:,d} train, "
           f"{t['split_tokens']['valid']:,d} valid, {t['split_tokens']['test']:,d} test)")

@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import io
 import lzma
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Union
@@ -87,6 +86,9 @@ def open_decompressed(path: Path, hashing: HashingReader) -> BinaryIO:
     return buffered
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_chunks(path: Path, hashing: HashingReader, chunk_size: int) -> Iterator[bytes]:
     """Yields decompressed chunks; a truncated or corrupt archive is a FastaError."""
     stream = open_decompressed(path, hashing)
@@ -94,7 +96,7 @@ def read_chunks(path: Path, hashing: HashingReader, chunk_size: int) -> Iterator
         while True:
             try:
                 chunk = stream.read(chunk_size)
-            except (EOFError, OSError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as err:
+            except Exception as err:  # zlib / isal / lzma / bz2 errors, EOFError, OSError
                 raise FastaError(f"{path}: corrupt or truncated {compression_of(path)} file "
                                  f"({err})") from None
             if not chunk:
@@ -129,6 +131,8 @@ def read_fasta(path: Union[str, Path], chunk_size: int = CHUNK_SIZE,
     seen_header = False
     offset = 0  # decompressed offset of the current chunk
     for chunk in read_chunks(path, hashing, chunk_size):
+        if offset == 0 and chunk.startswith(UTF8_BOM):  # written by some Windows editors
+            chunk, offset = chunk[len(UTF8_BOM):], len(UTF8_BOM)
         p, n = 0, len(chunk)
         while p < n:
             if in_header:

@@ -212,3 +212,29 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_continues(tmp_path):
     assert not list((corpus / "shards").glob(".*.tmp"))
     assert preprocess("run", str(path), "--out", str(corpus)).returncode == 0
     assert manifest_assemblies(corpus) == ["big"]
+
+
+def test_data_corner_cases_are_one_line_or_just_work(fastas, tmp_path):
+    """A UTF-8 byte-order mark is skipped; a corrupt gzip member names the file; --read-chunk 0
+    names the option; a corpus whose every contig is all N is one line with the thresholds."""
+    import gzip
+
+    bom = tmp_path / "bom.fa"
+    bom.write_bytes(b"\xef\xbb\xbf" + fastas[0].read_bytes())
+    assert preprocess("run", "--out", str(tmp_path / "c_bom"), str(bom)).returncode == 0
+    assert manifest_assemblies(tmp_path / "c_bom") == ["bom"]
+
+    broken = tmp_path / "broken.fa.gz"
+    data = bytearray(gzip.compress(fastas[0].read_bytes()))
+    data[len(data) // 2:len(data) // 2 + 40] = b"\x00" * 40
+    broken.write_bytes(bytes(data))
+    line = error_line(preprocess("run", "--out", str(tmp_path / "c_gz"), str(broken)))
+    assert str(broken) in line and "corrupt or truncated gzip" in line, line
+
+    line = error_line(preprocess("run", "--out", str(tmp_path / "c0"), str(fastas[0]),
+                                 "--read-chunk", "0"))
+    assert "--read-chunk must be at least 1K" in line, line
+
+    all_n = write_fasta(tmp_path / "alln.fa", {"chr1": b"N" * 5000})
+    line = error_line(preprocess("run", "--out", str(tmp_path / "c_n"), str(all_n)))
+    assert "holds no sequence" in line and "alln" in line and "--max-n-fraction" in line, line
