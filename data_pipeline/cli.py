@@ -172,7 +172,7 @@ def _run(args) -> int:
         raise ManifestError("give either --manifest or FASTA paths")
     if args.workers < 1:
         raise ManifestError(f"--workers must be >= 1, got {args.workers}")
-    if args.read_chunk < 1024:
+    if args.read_chunk < 1000:
         raise ManifestError(f"--read-chunk must be at least 1K, got {args.read_chunk} bytes")
     assemblies = (read_manifest(args.manifest) if args.manifest
                   else assemblies_from_paths(args.fasta, args.species))
