@@ -46,7 +46,8 @@ def haplotype(base: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str
 
 
 def write(path: Path, records: dict[str, bytes]) -> None:
-    with gzip.open(path, "wb", compresslevel=1) as f:
+    # mtime=0: the same bytes on every run (the corpus's source md5 and content hash with them)
+    with gzip.GzipFile(path, "wb", compresslevel=1, mtime=0) as f:
         for name, seq in records.items():
             f.write(f">{name}\n".encode())
             f.write(b"\n".join(seq[i:i + 80] for i in range(0, len(seq), 80)) + b"\n")

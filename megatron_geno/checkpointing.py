@@ -364,6 +364,25 @@ def _publish(save: Path, tmp: Path, final: Path, iteration: int) -> None:
         shutil.rmtree(replaced)
 
 
+def checkpoint_bytes(cfg: TrainConfig, vocab_size: int) -> int:
+    """What one checkpoint of this model takes on disk, roughly: fp32 weights and their two Adam
+    moments (12 B per parameter), plus the model's own weights as trained (2 or 4 B)."""
+    from megatron_geno.presets import count_parameters, resolve_padded_vocab
+
+    padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
+    return 16 * count_parameters(cfg.model, padded)["total"]
+
+
+def space_warning(save: Path, needed: int) -> Optional[str]:
+    """A warning when save's filesystem has less free space than one checkpoint needs."""
+    free = shutil.disk_usage(save).free
+    if free >= needed:
+        return None
+    return (f"checkpoint.save={save} has {free / 2**30:.1f} GiB free and one checkpoint takes "
+            f"about {needed / 2**30:.1f} GiB: saves will fail with 'no space left' unless space "
+            f"is freed")
+
+
 def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState,
                     async_queue=None) -> Path:
     """Saves a complete checkpoint under cfg.checkpoint.save and returns its directory.

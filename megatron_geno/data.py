@@ -179,7 +179,8 @@ class GenoGPTDataset(GPTDataset):
     """GPTDataset over zarr corpus splits or .bin/.idx prefixes, with reverse-complement augmentation.
 
     A sample is reverse-complemented with probability `reverse_complement_prob`, decided by a
-    hash of (seed, dataset, sample index): the same on every rank, run and resume.
+    hash of (seed, dataset, sample index): the same on every rank, run and resume, and for a zarr
+    corpus wherever it lies (its content hash, not its path).
     """
 
     @staticmethod
@@ -197,7 +198,12 @@ class GenoGPTDataset(GPTDataset):
         return text, document_ids
 
     def _flip(self, idx: int) -> float:
-        key = f"{self.config.random_seed}:{self.unique_description_hash}:{idx}".encode()
+        # a zarr split by its content (hash and split), never its path: a corpus copied or
+        # moved elsewhere trains the same; a .bin/.idx prefix by megatron-core's description
+        path = self.dataset_path or ""
+        identity = (":".join(path.split(ZARR_MARK)[1:]) if ZARR_MARK in path
+                    else self.unique_description_hash)
+        key = f"{self.config.random_seed}:{identity}:{idx}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
 

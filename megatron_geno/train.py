@@ -26,6 +26,8 @@ from megatron_geno import compat, distributed
 from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
     TrainState,
+    checkpoint_bytes,
+    space_warning,
     checkpoint_vocab,
     resume_target,
     load_checkpoint,
@@ -273,6 +275,12 @@ class TrainingRun:
         torch.distributed.broadcast_object_list(why, src=0)
         if why[0]:
             raise ConfigError(f"checkpoint.save: {why[0]}")
+        if self.rank0:
+            warning = space_warning(Path(cfg.checkpoint.save),
+                                    checkpoint_bytes(cfg, build_tokenizer(cfg.data.tokenizer)
+                                                     .vocab_size))
+            if warning:
+                log.warning("%s", warning)
         return lock
 
     def _connect_schedule_hooks(self) -> None:

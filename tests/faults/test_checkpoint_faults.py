@@ -284,3 +284,20 @@ def test_a_resume_under_another_tokenizer_is_refused(ck, tmp_path):
     proc = train(tmp_path / "fresh", "schedule.train_iters=2", "data.tokenizer=geno:keep",
                  "checkpoint.weights_only=true", f"checkpoint.load={ck}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_the_space_a_checkpoint_needs_is_known_before_saving(ck):
+    """The start-up estimate of one checkpoint's size is the size a save writes (tiny: within
+    a third); less free space than that is a warning naming both."""
+    from megatron_geno.checkpointing import checkpoint_bytes, space_warning
+    from megatron_geno.config import load_config
+
+    cfg = load_config(None, ["model.preset=tiny"])
+    from megatron_geno.vocab import VOCAB_SIZE
+
+    estimate = checkpoint_bytes(cfg, VOCAB_SIZE)
+    written = sum(f.stat().st_size for f in (ck / "iter_0000004").rglob("*") if f.is_file())
+    assert 0.67 < written / estimate < 1.5, (written, estimate)
+    assert space_warning(ck, estimate) is None
+    warning = space_warning(ck, 10**18)
+    assert warning and str(ck) in warning and "GiB free" in warning
