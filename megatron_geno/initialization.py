@@ -7,8 +7,8 @@ copies of experts 0-3). Here every weight is drawn again from its checkpoint for
 global shape and this rank's global offsets (megatron-core's sharded state dict, which already
 knows every TP, PP, EP and CP layout). The values of a *slab* (one layer's weight, one expert of
 one layer's weight, one row of the embedding or output layer) come from a generator seeded by
-(seed, key, slab index) and are sliced to this rank's part, so the iteration-0 checkpoint is the
-same at every layout, bit for bit, on one kind of device.
+(seed, key, slab index) on the CPU and are sliced to this rank's part, so the iteration-0
+checkpoint is the same at every layout and on every device, bit for bit.
 """
 
 from __future__ import annotations
@@ -88,10 +88,11 @@ def _fill(sh, seed: int, init_std: float, num_layers: int) -> None:
     extent = [1] * p + list(data.shape)
     region = [range(offset[i], offset[i] + extent[i]) for i in range(len(shape))]
     rest = tuple(slice(r.start, r.stop) for r in region[k:])
-    generator = torch.Generator(device=data.device)
+    # drawn on the CPU whatever the device, so a GPU run starts from the CPU run's model too
+    # (each device's generator draws other numbers); then copied to the parameter's device
+    generator = torch.Generator(device="cpu")
     for index in itertools.product(*region[:k]):
         generator.manual_seed(_seed(seed, key, index))
-        slab = torch.randn(shape[k:], generator=generator, device=data.device,
-                           dtype=torch.float32)
+        slab = torch.randn(shape[k:], generator=generator, dtype=torch.float32)
         target = data[tuple(i - offset[a] for a, i in zip(range(p, k), index[p:]))]
-        target.copy_(slab[rest] * std)
+        target.copy_((slab[rest] * std).to(data.device))
