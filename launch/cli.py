@@ -14,6 +14,7 @@ import argparse
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -41,8 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="show the known third-party warnings hidden by default")
     parser.add_argument("--recipe", help="recipe name (see --list) or YAML path")
     parser.add_argument("--list", action="store_true", help="list the bundled recipes")
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="nodes (default 1; more than one submits a SLURM job)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--torchrun", action="store_true", help="run on this node (default)")
     mode.add_argument("--slurm", action="store_true", help="submit launch/slurm/geno.sbatch")
@@ -124,9 +126,18 @@ def main(argv=None) -> int:
           + (f", starts from {launch.previous}: weights only" if launch.previous else "") + ")")
     print(format_plan(cfg, result, launch.token_budget))
     config = Path(cfg.logging.run_dir) / "launch" / f"{launch.name}.yaml"
+    resolved = cfg.to_yaml()
+    if args.dry_run and config.exists() and config.read_text() != resolved:
+        # the config an earlier launch of this run directory ran with stays as it was
+        config = config.with_name(f"{launch.name}.dry-run.yaml")
     cmd = commands(args, config, launch.name)
+    if not args.dry_run and shutil.which(cmd[0]) is None:
+        print(f"geno-launch: error: {cmd[0]} is not on PATH"
+              + (": submit from a SLURM login node, or print the job with --dry-run"
+                 if cmd[0] == "sbatch" else ""), file=sys.stderr)
+        return 2
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(cfg.to_yaml())  # a dry run writes it too: the printed command runs as is
+    config.write_text(resolved)  # a dry run writes it too: the printed command runs as is
     print(f"config     {config}")
     print(f"command    {shlex.join(cmd)}")
     if args.dry_run:

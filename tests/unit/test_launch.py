@@ -239,3 +239,22 @@ def test_document_masks_with_context_parallelism_are_refused_writing_nothing(cap
     assert "data.reset_attention_mask (no attention across documents) does not run with CP = 2" \
         in err and len(err.strip().splitlines()) == 1
     assert not refused.exists()
+
+
+def test_a_job_without_sbatch_is_one_line_and_dry_runs_keep_an_earlier_config(capsys, tmp_path,
+                                                                              monkeypatch):
+    """A real SLURM launch where sbatch is not on PATH: one line, exit 2, nothing written; a dry
+    run with other settings leaves the config an earlier launch of the run directory ran with."""
+    run_dir = f"logging.run_dir={tmp_path / 'run'}"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "2", run_dir]) == 2
+    assert "geno-launch: error: sbatch is not on PATH" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "2", "--dry-run", run_dir]) == 0
+    saved = tmp_path / "run" / "launch" / "genos-1.2b-8k.yaml"
+    first = saved.read_text()
+    assert main(["--recipe", "genos-1.2b-8k", "--nodes", "2", "--dry-run", run_dir,
+                 "optimizer.lr=0.0002"]) == 0
+    assert saved.read_text() == first
+    other = saved.with_name("genos-1.2b-8k.dry-run.yaml")
+    assert "lr: 0.0002" in other.read_text() and str(other) in capsys.readouterr().out
