@@ -101,7 +101,7 @@ def open_checkpoint(path: str | Path, iteration: Optional[int] = None,
     """
     init_single_process()
     try:
-        ckpt = resolve_checkpoint_dir(path, iteration)
+        ckpt = resolve_checkpoint_dir(path, iteration, fallback=False)
         common = open_for_loading(ckpt, verify_checksums)
         metadata = trust.read_tensors_metadata(ckpt)
     except CheckpointError as err:

@@ -93,11 +93,13 @@ def complete_checkpoints(save: str | Path) -> list[Path]:
     return [found[i] for i in sorted(found, reverse=True)]
 
 
-def resume_point(save: str | Path) -> Optional[Path]:
+def resume_point(save: str | Path, fallback: bool = True) -> Optional[Path]:
     """Returns the checkpoint a run saving to SAVE resumes from, None when SAVE holds none.
 
     That is the one ``latest`` names; when ``latest`` is damaged or names a damaged or missing
-    checkpoint, a warning says so and the newest complete checkpoint is taken instead.
+    checkpoint, a warning says so and the newest complete checkpoint is taken instead (training
+    goes on from it). Without fallback (conversion, inspection, evaluation: a reader must not get
+    an older model than it asked for without knowing) that is a CheckpointError naming it.
     """
     save = Path(save)
     marker = save / "latest"
@@ -115,6 +117,11 @@ def resume_point(save: str | Path) -> Optional[Path]:
     if not candidates:
         raise CheckpointError(f"{marker} names a damaged checkpoint ({problem}) and {save} holds "
                               f"no other complete checkpoint")
+    if not fallback:
+        newest = int(_ITER_DIR.match(candidates[0].name).group(1))
+        raise CheckpointError(f"{marker} names a damaged checkpoint ({problem}); the newest "
+                              f"complete one is {candidates[0]}: give --iteration {newest} to "
+                              f"use it")
     log.warning("%s names a damaged checkpoint (%s); resuming from %s, the newest complete "
                 "checkpoint", marker, problem, candidates[0])
     return candidates[0]
@@ -140,10 +147,13 @@ def resume_target(cfg: TrainConfig) -> TrainConfig:
                                                                    weights_only=False))
 
 
-def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) -> Path:
+def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None,
+                           fallback: bool = True) -> Path:
     """Returns the torch_dist directory for a save dir (+ iteration) or an iter_N dir itself.
 
-    Raises CheckpointError when it is missing or structurally incomplete (naming what).
+    Raises CheckpointError when it is missing or structurally incomplete (naming what); a
+    damaged ``latest`` falls back to the newest complete checkpoint only with fallback
+    (resume_point).
     """
     path = Path(path)
     if not path.exists():
@@ -153,7 +163,7 @@ def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None) ->
     if (path / "metadata.json").exists() and iteration is None:
         ckpt = path
     elif iteration is None:
-        ckpt = resume_point(path)
+        ckpt = resume_point(path, fallback)
         if ckpt is None:
             raise CheckpointError(f"{path} holds no complete checkpoint (no 'latest' file)")
     else:

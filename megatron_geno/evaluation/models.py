@@ -64,7 +64,7 @@ class MegatronModel:
         try:
             # the process groups first: the checkpoint checks share work across ranks
             distributed.initialize(TrainConfig(parallel=parallel, precision="fp32"), seed=0)
-            ckpt = resolve_checkpoint_dir(checkpoint, iteration)
+            ckpt = resolve_checkpoint_dir(checkpoint, iteration, fallback=False)
             common = open_for_loading(ckpt, verify_checksums)
         except (CheckpointError, ConfigError) as err:
             raise EvalError(str(err)) from None

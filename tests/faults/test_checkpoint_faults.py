@@ -301,3 +301,14 @@ def test_the_space_a_checkpoint_needs_is_known_before_saving(ck):
     assert space_warning(ck, estimate) is None
     warning = space_warning(ck, 10**18)
     assert warning and str(ck) in warning and "GiB free" in warning
+
+
+def test_conversion_refuses_a_damaged_latest_unless_told_the_iteration(ck, tmp_path):
+    """Training goes on from the newest complete checkpoint when latest names a damaged one;
+    geno-convert does not hand out an older model silently: one line naming the newest complete
+    iteration, and --iteration takes it."""
+    (ck / "iter_0000004" / "__0_0.distcp").write_bytes(b"")
+    line = error_line(convert("inspect", str(ck)))
+    assert "names a damaged checkpoint" in line and "--iteration 2" in line, line
+    proc = convert("inspect", str(ck), "--iteration", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
