@@ -123,7 +123,7 @@ def reduce_loss(totals: torch.Tensor) -> float:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1 so the loop saves and exits at a step boundary.
+    """Records SIGTERM / SIGUSR1 / Ctrl-C so the loop saves and exits at a step boundary.
 
     Every rank learns whether any rank got one from a CPU flag all-reduced over a gloo group (on
     CPU runs, the default group is gloo already), asynchronously: each step starts the reduction
