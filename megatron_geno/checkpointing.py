@@ -245,13 +245,18 @@ def remap_optimizer_state(loaded: dict, optimizer, saved_common: dict) -> dict:
     return {i: own for i, own in enumerate(rebuilt)} if len(subs) > 1 else rebuilt[0]
 
 
+def _inner_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron-core's (chained) optimizer, where this rank has one."""
+    return [sub.optimizer for sub in getattr(optimizer, "chained_optimizers", [optimizer])
+            if sub.optimizer is not None]
+
+
 def _hyperparameters(optimizer) -> list[list[dict]]:
     """Each param group's settings (betas, eps, max_lr, min_lr, multipliers ...) as this run
     built them, without its parameters and step count."""
     return [[{k: v for k, v in group.items() if k not in ("params", "step")}
-             for group in sub.optimizer.param_groups]
-            for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if sub.optimizer is not None]
+             for group in inner.param_groups]
+            for inner in _inner_optimizers(optimizer)]
 
 
 def _restore_hyperparameters(optimizer, own: list[list[dict]]) -> None:
@@ -259,10 +264,8 @@ def _restore_hyperparameters(optimizer, own: list[list[dict]]) -> None:
     on resume what the user passes now wins (optimizer.* and schedule.*; the scheduler sets lr
     and weight decay from them at every step); only the step count and the tensors are the
     checkpoint's."""
-    subs = [sub for sub in getattr(optimizer, "chained_optimizers", [optimizer])
-            if sub.optimizer is not None]
-    for sub, groups in zip(subs, own):
-        for group, settings in zip(sub.optimizer.param_groups, groups):
+    for inner, groups in zip(_inner_optimizers(optimizer), own):
+        for group, settings in zip(inner.param_groups, groups):
             group.update(settings)
 
 

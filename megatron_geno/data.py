@@ -27,6 +27,7 @@ from data_pipeline.corpus_manifest import read_manifest_json
 from data_pipeline.errors import PipelineError
 from data_pipeline.export import write_bin_idx
 from megatron_geno.config import ConfigError, TrainConfig
+from megatron_geno.tokenizer import tokenizer_soft_mask
 from megatron_geno.vocab import COMPLEMENT, EOD
 
 log = logging.getLogger(__name__)
@@ -205,15 +206,6 @@ class GenoGPTDataset(GPTDataset):
                     else self.unique_description_hash)
         key = f"{self.config.random_seed}:{identity}:{idx}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-
-
-def tokenizer_soft_mask(spec: str) -> str:
-    """The soft-mask policy of data.tokenizer: the built-in's, or what an HF export declares."""
-    from megatron_geno.tokenizer import GENO_SPECS, read_hf_soft_mask
-
-    if spec in GENO_SPECS:
-        return GENO_SPECS[spec]
-    return read_hf_soft_mask(Path(spec)) or "upper"
 
 
 def zarr_blend_per_split(blend: list, needed: list[bool], soft_mask: str = "upper") -> list:

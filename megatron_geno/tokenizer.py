@@ -129,6 +129,12 @@ def soft_mask_of_spec(spec: str) -> str:
     return GENO_SPECS.get(spec, "upper")
 
 
+def tokenizer_soft_mask(spec: str) -> str:
+    """The soft-mask policy of a data.tokenizer value: the built-in's, or what an HF export's
+    tokenizer_config.json declares (upper where it declares none)."""
+    return GENO_SPECS[spec] if spec in GENO_SPECS else read_hf_soft_mask(Path(spec)) or "upper"
+
+
 def build_tokenizer(spec: str = "geno"):
     """Returns the built-in tokenizer for ``"geno"``, else the HuggingFace tokenizer at that path."""
     if spec in GENO_SPECS:

@@ -218,6 +218,11 @@ class TrainingRun:
         self.lock = self._lock_checkpoint_dir(cfg)
         self.run_dir = Path(cfg.logging.run_dir)
         tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if self.lock is not None:  # rank 0, saving: is there room for a checkpoint?
+            warning = space_warning(Path(cfg.checkpoint.save),
+                                    checkpoint_bytes(cfg, tokenizer.vocab_size))
+            if warning:
+                log.warning("%s", warning)
         self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size)
         self.model = [wrap_ddp(chunk, cfg)
                       for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
@@ -275,12 +280,6 @@ class TrainingRun:
         torch.distributed.broadcast_object_list(why, src=0)
         if why[0]:
             raise ConfigError(f"checkpoint.save: {why[0]}")
-        if self.rank0:
-            warning = space_warning(Path(cfg.checkpoint.save),
-                                    checkpoint_bytes(cfg, build_tokenizer(cfg.data.tokenizer)
-                                                     .vocab_size))
-            if warning:
-                log.warning("%s", warning)
         return lock
 
     def _connect_schedule_hooks(self) -> None:
