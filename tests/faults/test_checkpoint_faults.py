@@ -308,7 +308,9 @@ def test_conversion_refuses_a_damaged_latest_unless_told_the_iteration(ck, tmp_p
     geno-convert does not hand out an older model silently: one line naming the newest complete
     iteration, and --iteration takes it."""
     (ck / "iter_0000004" / "__0_0.distcp").write_bytes(b"")
-    line = error_line(convert("inspect", str(ck)))
+    before = tree(tmp_path)
+    line = error_line(convert("to-hf", "--checkpoint", str(ck), "--out", str(tmp_path / "hf")))
     assert "names a damaged checkpoint" in line and "--iteration 2" in line, line
+    assert tree(tmp_path) == before
     proc = convert("inspect", str(ck), "--iteration", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -87,7 +87,11 @@ def test_a_corpus_trains_only_under_its_own_soft_mask_policy(tmp_path):
     assert run_cli("run", path, "--out", tmp_path / "c", "--soft-mask", "keep") == 0
     data = ["data.source=zarr", f"data.blend=['{tmp_path / 'c'}']", "schedule.eval_interval=0",
             "schedule.warmup_iters=0"]
+    from tests.faults.helpers import tree
+
+    before = tree(tmp_path / "c")
     code, err = geno_train_error(tmp_path / "run", *data, "schedule.train_iters=1")
+    assert tree(tmp_path / "c") == before
     line = next(line for line in err.splitlines() if "error:" in line)
     assert code == 2 and str(tmp_path / "c") in line and "--soft-mask keep" in line, err[-2000:]
     assert "data.tokenizer=geno:keep" in line
