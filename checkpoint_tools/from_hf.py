@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, SAFETENSORS_DTYPES,
                                      current_hf_shapes, hf_names, hf_shapes, merge_qkv)
 from checkpoint_tools.mcore_checkpoint import ConversionError
-from checkpoint_tools.output_dir import check_out, write_into_new_dir
+from checkpoint_tools.output_dir import claimed_out, write_into_new_dir
 from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 from megatron_geno.checkpoint_trust import seal
 from megatron_geno.config import ModelConfig, TrainConfig
@@ -358,34 +358,34 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, progress=None) -> Path:
     and renames it to OUT when complete and sealed with checksums.
     """
     hf_dir, out = Path(hf_dir), Path(out)
-    check_out(out)
-    config = read_hf_config(hf_dir)
-    model = model_config_from_hf(config)
-    st = SafetensorsDir(hf_dir)
-    if config.get("tie_word_embeddings") and "lm_head.weight" not in st:
-        raise ConversionError(f"{hf_dir}: tied embeddings; Genos keeps input and output separate")
-    check_hf_tensors(hf_dir, st, model)
-    tokenizer = tokenizer_spec(hf_dir, model.padded_vocab_size)
+    with claimed_out(out):
+        config = read_hf_config(hf_dir)
+        model = model_config_from_hf(config)
+        st = SafetensorsDir(hf_dir)
+        if config.get("tie_word_embeddings") and "lm_head.weight" not in st:
+            raise ConversionError(f"{hf_dir}: tied embeddings; Genos keeps input and output separate")
+        check_hf_tensors(hf_dir, st, model)
+        tokenizer = tokenizer_spec(hf_dir, model.padded_vocab_size)
 
-    def write(tmp: Path) -> None:
-        ckpt = tmp / "iter_0000000"
-        chunks = import_chunks(st, model)
-        bar = progress(total=len(chunks), desc="chunks") if progress else None
-        if bar is not None:
-            chunks = [dataclasses.replace(c, produce=_counted(c.produce, bar)) for c in chunks]
-        cfg = TrainConfig(model=model)
-        cfg.data.tokenizer = tokenizer
-        try:
-            write_torch_dist(ckpt, chunks, {"model_config": dataclasses.asdict(model),
-                                            "weights_only": True,
-                                            "imported_from": str(hf_dir.resolve())})
-        finally:
+        def write(tmp: Path) -> None:
+            ckpt = tmp / "iter_0000000"
+            chunks = import_chunks(st, model)
+            bar = progress(total=len(chunks), desc="chunks") if progress else None
             if bar is not None:
-                bar.close()
-        seal(ckpt)
-        (ckpt / "config.yaml").write_text(cfg.to_yaml())
-        model_yaml = {"model": dataclasses.asdict(model), "data": {"tokenizer": tokenizer}}
-        (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
-        (tmp / "latest").write_text("0\n")
+                chunks = [dataclasses.replace(c, produce=_counted(c.produce, bar)) for c in chunks]
+            cfg = TrainConfig(model=model)
+            cfg.data.tokenizer = tokenizer
+            try:
+                write_torch_dist(ckpt, chunks, {"model_config": dataclasses.asdict(model),
+                                                "weights_only": True,
+                                                "imported_from": str(hf_dir.resolve())})
+            finally:
+                if bar is not None:
+                    bar.close()
+            seal(ckpt)
+            (ckpt / "config.yaml").write_text(cfg.to_yaml())
+            model_yaml = {"model": dataclasses.asdict(model), "data": {"tokenizer": tokenizer}}
+            (tmp / "model.yaml").write_text(yaml.safe_dump(model_yaml, sort_keys=False))
+            (tmp / "latest").write_text("0\n")
 
-    return write_into_new_dir(out, write)
+        return write_into_new_dir(out, write)

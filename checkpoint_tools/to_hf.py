@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
 from checkpoint_tools.mapping import RULES, hf_names, to_hf_tensors
 from checkpoint_tools.mcore_checkpoint import ConversionError, McoreCheckpoint, open_checkpoint
-from checkpoint_tools.output_dir import check_out, write_into_new_dir
+from checkpoint_tools.output_dir import claimed_out, write_into_new_dir
 from megatron_geno.config import ModelConfig
 from megatron_geno.units import parse_size
 from megatron_geno.checkpointing import saved_tokenizer
@@ -166,27 +166,27 @@ def mcore_to_hf(checkpoint: str | Path, out: str | Path, dtype: str = "fp32",
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     out = Path(out)
-    check_out(out)
-    max_bytes = shard_bytes(shard_size)
-    ckpt = open_checkpoint(checkpoint, iteration, verify_checksums)
-    model = ckpt.model
-    check_representable(ckpt, model)
-    plan = plan_tensors(ckpt, model)
+    with claimed_out(out):
+        max_bytes = shard_bytes(shard_size)
+        ckpt = open_checkpoint(checkpoint, iteration, verify_checksums)
+        model = ckpt.model
+        check_representable(ckpt, model)
+        plan = plan_tensors(ckpt, model)
 
-    def write(tmp: Path) -> None:
-        writer = ShardWriter(tmp, plan, DTYPES[dtype], max_bytes)
-        steps = list(conversion_order(model))
-        current = (None, None, None)  # (key, layer, tensor): one layer of one stored key in memory
-        for rule, layer, expert in progress(steps, desc="tensors") if progress else steps:
-            if current[:2] != (rule.mcore, layer):
-                tensor = ckpt.read(rule.mcore) if layer is None else ckpt.read_layer(rule.mcore, layer)
-                current = (rule.mcore, layer, tensor)
-            stored = current[2] if expert is None else current[2][expert]
-            for name, part in zip(hf_names(rule, layer, expert), to_hf_tensors(rule, stored, model)):
-                writer.add(name, part)
-        writer.finish()
-        (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
-        # the soft-mask policy of the run that saved the checkpoint
-        write_hf_tokenizer(tmp, soft_mask_of_spec(saved_tokenizer(ckpt.path)))
+        def write(tmp: Path) -> None:
+            writer = ShardWriter(tmp, plan, DTYPES[dtype], max_bytes)
+            steps = list(conversion_order(model))
+            current = (None, None, None)  # (key, layer, tensor): one layer of one stored key in memory
+            for rule, layer, expert in progress(steps, desc="tensors") if progress else steps:
+                if current[:2] != (rule.mcore, layer):
+                    tensor = ckpt.read(rule.mcore) if layer is None else ckpt.read_layer(rule.mcore, layer)
+                    current = (rule.mcore, layer, tensor)
+                stored = current[2] if expert is None else current[2][expert]
+                for name, part in zip(hf_names(rule, layer, expert), to_hf_tensors(rule, stored, model)):
+                    writer.add(name, part)
+            writer.finish()
+            (tmp / "config.json").write_text(json.dumps(hf_config(model, dtype), indent=2) + "\n")
+            # the soft-mask policy of the run that saved the checkpoint
+            write_hf_tokenizer(tmp, soft_mask_of_spec(saved_tokenizer(ckpt.path)))
 
-    return write_into_new_dir(out, write)
+        return write_into_new_dir(out, write)

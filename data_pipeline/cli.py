@@ -116,6 +116,17 @@ def main(argv=None) -> int:
     except (FastaError, ManifestError, PolicyError, PipelineError, ShardError, SplitError) as err:
         print(f"geno-preprocess: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk while writing the manifest, run.json or an export
+        from megatron_geno.files import free_bytes, out_of_space
+        from megatron_geno.units import format_bytes
+
+        if not (reason := out_of_space(err)):
+            raise
+        where = err.filename or getattr(args, "out", None) or getattr(args, "prefix", "")
+        print(f"geno-preprocess: error: writing {where} failed: {reason} "
+              f"({format_bytes(free_bytes(where))} free there); what was written before is kept "
+              f"and its temporary file removed", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # each unfinished assembly's temporary group is removed
         print("geno-preprocess: interrupted: finished assemblies are kept and a rerun of the same "
               "command continues with the rest", file=sys.stderr)

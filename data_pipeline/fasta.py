@@ -130,7 +130,7 @@ def read_fasta(path: Union[str, Path], chunk_size: int = CHUNK_SIZE,
     at_line_start = True
     seen_header = False
     offset = 0  # decompressed offset of the current chunk
-    for chunk in read_chunks(path, hashing, chunk_size):
+    for chunk in _bom_whole(read_chunks(path, hashing, chunk_size)):
         if offset == 0 and chunk.startswith(UTF8_BOM):  # written by some Windows editors
             chunk, offset = chunk[len(UTF8_BOM):], len(UTF8_BOM)
         p, n = 0, len(chunk)
@@ -164,12 +164,29 @@ def read_fasta(path: Union[str, Path], chunk_size: int = CHUNK_SIZE,
             in_header, seen_header = True, True
             header, header_offset = bytearray(), offset + q
             p = q + 1
-        at_line_start = chunk.endswith(b"\n")
+        if chunk:  # (empty after a byte-order mark that was the whole chunk)
+            at_line_start = chunk.endswith(b"\n")
         offset += n
     if in_header:  # a header on the last line without a newline
         yield Header(_header_name(path, header, header_offset), header_offset)
     if not seen_header:
         raise FastaError(f"{path}: no FASTA header ('>') found; is this a FASTA file?")
+
+
+def _bom_whole(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks, the first one joined with the next until it is as long as a byte-order mark
+    (so that a mark split across tiny chunks is still seen whole)."""
+    head = b""
+    for chunk in chunks:
+        if head is None:
+            yield chunk
+            continue
+        head += chunk
+        if len(head) >= len(UTF8_BOM):
+            yield head
+            head = None
+    if head:
+        yield head
 
 
 def _header_name(path: Path, header: bytes, offset: int) -> str:

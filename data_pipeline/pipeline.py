@@ -22,7 +22,8 @@ from data_pipeline.normalise import ContigNormaliser, ContigStats, InvalidCharac
 from data_pipeline.run_config import PipelineConfig, assembly_hash
 from data_pipeline.shard_format import SPLITS, read_attrs
 from data_pipeline.shard_writer import AssemblyWriter
-from megatron_geno.files import fsync_path, fsync_tree
+from megatron_geno.files import free_bytes, fsync_path, fsync_tree, out_of_space
+from megatron_geno.units import format_bytes
 from megatron_geno.vocab import TOKENIZER_VERSION, VOCAB
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,11 @@ def _process_in_worker(args) -> tuple[str, str, dict]:
     except (FastaError, PipelineError, ShardError) as err:
         return assembly.assembly, "error", {"message": str(err)}
     except Exception as err:  # noqa: BLE001 - one assembly's bug must not lose the others
+        if reason := out_of_space(err):
+            return assembly.assembly, "error", {
+                "message": f"{assembly.path}: writing its shards into {out} failed: {reason} "
+                           f"({format_bytes(free_bytes(out))} free there); its partial group was "
+                           f"removed, and a rerun after freeing space continues with it"}
         return assembly.assembly, "error", {
             "message": f"{assembly.path}: unexpected {type(err).__name__}: {err}"}
     finally:

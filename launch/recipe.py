@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 
-from megatron_geno.config import ConfigError, TrainConfig, load_config, read_yaml_file
+from megatron_geno.config import (ConfigError, TrainConfig, build_section, load_config,
+                                  read_yaml_file)
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -43,22 +44,22 @@ def load_recipe(name_or_path: str, overrides: list[str]) -> tuple[TrainConfig, L
     if not isinstance(tree, dict):
         raise ConfigError(f"recipe {path} must be a mapping at the top level")
     raw = tree.get("launch") or {}
-    fields = {f.name for f in dataclasses.fields(LaunchSection)}
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ConfigError(f"{path}: unknown launch key(s) {', '.join(unknown)} (known: "
-                          f"{', '.join(sorted(fields))})")
-    launch = LaunchSection(**{"name": path.stem, **raw})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: launch is a section; give it as a mapping")
     try:
-        launch.token_budget = float(launch.token_budget) if launch.token_budget else None
-        launch.warmup_fraction = (None if launch.warmup_fraction is None
-                                  else float(launch.warmup_fraction))
-    except ValueError:
-        raise ConfigError(f"{path}: launch.token_budget and launch.warmup_fraction must be "
-                          f"numbers") from None
+        launch = build_section(LaunchSection, {"name": path.stem, **raw}, "launch.")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if launch.token_budget is not None and not (math.isfinite(launch.token_budget)
+                                                and launch.token_budget > 0):
+        raise ConfigError(f"{path}: launch.token_budget must be a positive number of tokens, got "
+                          f"{launch.token_budget!r}")
+    launch.token_budget = launch.token_budget or None
     if launch.warmup_fraction is not None and not 0 <= launch.warmup_fraction < 1:
         raise ConfigError(f"{path}: launch.warmup_fraction must be in [0, 1), got "
                           f"{launch.warmup_fraction}")
+    if launch.phase < 1:
+        raise ConfigError(f"{path}: launch.phase must be >= 1, got {launch.phase}")
     cfg = load_config(path, list(overrides))
     if launch.token_budget:
         iters = math.ceil(launch.token_budget / (cfg.data.global_batch_size *

@@ -37,7 +37,9 @@ from megatron_geno import checkpoint_trust as trust
 from megatron_geno import compat
 from megatron_geno.checkpoint_trust import CheckpointError
 from megatron_geno.config import ModelConfig, TrainConfig
-from megatron_geno.files import fsync_path, fsync_tree, write_text_atomic
+from megatron_geno.files import (free_bytes, fsync_path, fsync_tree, out_of_space,
+                                 write_text_atomic)
+from megatron_geno.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -424,25 +426,69 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         "layout": _layout(cfg, optimizer),
     }
     finish = partial(_seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
-    if async_queue is None:
-        dist_checkpointing.save(sharded, str(tmp))
-        finish()
-    else:
-        request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
-        request.add_finalize_fn(finish)
-        async_queue.schedule_async_request(request)
+    try:
+        if async_queue is None:
+            dist_checkpointing.save(sharded, str(tmp))
+            finish()
+        else:
+            request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
+            request.add_finalize_fn(finish)
+            async_queue.schedule_async_request(request)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # torch's CheckpointException is a BaseException; every rank
+        raise save_failed(err, final) from None  # gets here alike (see save_failed)
     return final
+
+
+class _SealFailed(RuntimeError):
+    """Rank 0 could not write the seal, the config or ``latest``; raised on every rank."""
 
 
 def _seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str) -> None:
     """After every rank has written its part of tmp: checksums, then (rank 0) the rename to final
-    and ``latest``."""
+    and ``latest``. A failed write on rank 0 is raised on every rank (_SealFailed), so that all
+    of them leave the save alike."""
     torch.distributed.barrier()
     _seal(tmp)
+    failed = [None]
     if torch.distributed.get_rank() == 0:
-        (tmp / "config.yaml").write_text(config)
-        _publish(save, tmp, final, iteration)
+        try:
+            (tmp / "config.yaml").write_text(config)
+            _publish(save, tmp, final, iteration)
+        except OSError as err:
+            failed = [err]
+    torch.distributed.broadcast_object_list(failed, src=0)
+    if failed[0] is not None:
+        raise _SealFailed(str(failed[0])) from failed[0]
+
+
+def save_failed(err: BaseException, final: Path) -> CheckpointError:
+    """The one line for a save that failed (disk full, quota, a dead filesystem) after
+    megatron-core raised on every rank (its save broadcasts any writer's failure) or the seal
+    failed (_SealFailed): rank 0 removes the partial save; the previous checkpoint and ``latest``
+    are untouched. torch's file writer loses the errno ("file write failed"), so a filesystem
+    with less free space than the previous checkpoint takes is judged full."""
+    save, tmp = final.parent, final.with_name(final.name + ".tmp")
+    free = free_bytes(save)  # before the partial save is removed
+    previous = None
+    try:
+        previous = latest_iteration(save)
+    except CheckpointError:
+        pass
+    before = iteration_dir(save, previous) if previous is not None else None
+    size = sum(f.stat().st_size for f in before.rglob("*") if f.is_file()) if before else 0
+    reason = out_of_space(err) or ("no space left on device" if free < max(size, 64 << 20)
+                                   else str(err).strip().splitlines()[-1][:300])
     torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+    kept = (f"{save / 'latest'} still names iteration {previous}" if previous is not None
+            else "no earlier checkpoint exists")
+    return CheckpointError(f"saving {final.name} into {save} failed: {reason} "
+                           f"({format_bytes(free)} free there); the partial save was removed and "
+                           f"{kept}")
 
 
 def read_common(ckpt: Path) -> dict:

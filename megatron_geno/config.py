@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -224,7 +225,14 @@ def parse_yaml(text: str, what: str) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        problem = " ".join(str(problem).split())
         raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
+
+
+def _shown(key: str) -> str:
+    """A key as a message shows it: as written, or quoted (repr) when it holds anything but
+    letters, digits, '_', '-' and '.' (a newline would break the one-line error)."""
+    return key if re.fullmatch(r"[\w.\-]+", key) else repr(key)
 
 
 def read_yaml_file(path: str | Path, what: str) -> Any:
@@ -256,19 +264,40 @@ def _set_nested(tree: dict, path: list[str], value: Any) -> None:
     for part in path[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {'.'.join(path)}: {part} is not a section")
+            raise ConfigError(f"override {_shown('.'.join(path))}: {_shown(part)} is not a "
+                              f"section")
     node[path[-1]] = value
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Turns a YAML value into the type of the field's default (ints given for floats, etc.)."""
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
+def _field_types(cls) -> dict[str, tuple[type, bool]]:
+    """Each field's (type, None allowed) from its annotation: int, float, bool, str or list,
+    optionally Optional[...]."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        optional = text.startswith("Optional[")
+        name = text[len("Optional["):-1] if optional else text
+        out[f.name] = ({"int": int, "float": float, "bool": bool, "str": str,
+                        "list": list}.get(name, object), optional)
+    return out
+
+
+# list fields whose items may be numbers too (blend weights); every other list holds strings
+_NUMBER_ITEMS = {"data.blend", "data.valid_blend", "data.test_blend"}
+
+
+def _coerce(name: str, value: Any, kind: type, optional: bool) -> Any:
+    """Turns a YAML value into the field's declared type (ints given for floats, etc.);
+    ConfigError naming the key for a value of another type, or null where none is allowed."""
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be null")
+    if kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
+    if kind in (int, float):
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 value = float(value)
@@ -276,35 +305,64 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
-        if isinstance(default, int) and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return type(default)(value)
-    if isinstance(default, str) and isinstance(value, bool) and name in CHOICES:
+        if kind is int:
+            if not math.isfinite(value) or (isinstance(value, float) and not value.is_integer()):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return kind(value)
+    if kind is str and isinstance(value, bool) and name in CHOICES:
         word = "on" if value else "off"  # YAML 1.1 reads on/off/yes/no as booleans
         if word in CHOICES[name]:
             return word
         raise ConfigError(f"{name} must be one of {', '.join(CHOICES[name])}, got {value!r}")
-    if isinstance(default, str) and not isinstance(value, str):
+    if kind is str and not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
-    if isinstance(default, list) and not isinstance(value, list):
-        return [value]
+    if kind is list:
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            number = (isinstance(item, (int, float)) and not isinstance(item, bool)
+                      and name in _NUMBER_ITEMS)
+            if not (isinstance(item, str) or number):
+                what = "a path or a weight" if name in _NUMBER_ITEMS else "a string"
+                raise ConfigError(f"{name}[{i}] must be {what}, got {item!r}")
+        return items
     return value
 
 
-def _build(cls, values: dict, where: str, base=None):
+def parse_blend(blend: list, key: str = "data.blend") -> tuple[list[str], Optional[list[float]]]:
+    """Returns (paths, weights) from ``[w1, p1, w2, p2]`` or ``[p1, p2]``; ConfigError naming key
+    for any other shape or a weight that is not a positive finite number."""
+    if all(isinstance(x, str) for x in blend):
+        return [str(x) for x in blend], None
+    if len(blend) % 2 or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                 for w in blend[0::2]) \
+            or not all(isinstance(p, str) for p in blend[1::2]):
+        raise ConfigError(f"{key} must be [path, ...] or [weight, path, ...]; got {blend}")
+    for weight, path in zip(blend[0::2], blend[1::2]):
+        if not (math.isfinite(weight) and weight > 0):
+            raise ConfigError(f"{key}: the weight of {path} must be a positive number, got "
+                              f"{weight!r}")
+    return [str(p) for p in blend[1::2]], [float(w) for w in blend[0::2]]
+
+
+def build_section(cls, values: dict, where: str, base=None):
+    """An instance of the dataclass cls from a YAML mapping (over base's values, or cls()'s):
+    unknown keys and values of another type than the field declares are a ConfigError naming
+    the key (where is its prefix, e.g. 'model.')."""
     base = base if base is not None else cls()
     known = {f.name: f for f in dataclasses.fields(cls)}
+    types = _field_types(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown config key {where}{key} (known: {', '.join(known)})")
+            raise ConfigError(f"unknown config key {_shown(f'{where}{key}')} "
+                              f"(known: {', '.join(known)})")
         current = getattr(base, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}{key} is a section; give it as a mapping")
-            kwargs[key] = _build(type(current), value, f"{where}{key}.", current)
+            kwargs[key] = build_section(type(current), value, f"{where}{key}.", current)
         else:
-            kwargs[key] = _coerce(f"{where}{key}", value, current)
+            kwargs[key] = _coerce(f"{where}{key}", value, *types[key])
     return dataclasses.replace(base, **kwargs)
 
 
@@ -321,10 +379,15 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
     for text in overrides or []:
         _set_nested(tree, *parse_override(text))
 
-    model_tree = dict(tree.pop("model", {}) or {})
+    model_tree = tree.pop("model", {}) or {}
+    if not isinstance(model_tree, dict):
+        raise ConfigError("model is a section; give it as a mapping")
+    model_tree = dict(model_tree)
     preset_name = model_tree.pop("preset", ModelConfig.preset)
-    cfg = _build(TrainConfig, tree, "")
-    model = _build(ModelConfig, model_tree, "model.", get_preset(preset_name))
+    if not isinstance(preset_name, str):
+        raise ConfigError(f"model.preset must be a preset name, got {preset_name!r}")
+    cfg = build_section(TrainConfig, tree, "")
+    model = build_section(ModelConfig, model_tree, "model.", get_preset(preset_name))
     cfg = dataclasses.replace(cfg, model=model)
     validate(cfg)
     return cfg
@@ -467,6 +530,9 @@ def validate(cfg: TrainConfig) -> None:
                           f"{cfg.schedule.eval_interval} (or set schedule.eval_interval=0)")
     if d.source != "synthetic" and not d.blend:
         raise ConfigError(f"data.source={d.source} needs data.blend (prefixes or shard paths)")
+    for key in ("blend", "valid_blend", "test_blend"):
+        if getattr(d, key):
+            parse_blend(getattr(d, key), f"data.{key}")
     if cfg.schedule.warmup_iters and cfg.schedule.warmup_iters >= max(cfg.schedule.train_iters, 1):
         raise ConfigError(
             f"schedule.warmup_iters={cfg.schedule.warmup_iters} must be smaller than "

@@ -26,7 +26,7 @@ from data_pipeline.corpus import CorpusSplit
 from data_pipeline.corpus_manifest import read_manifest_json
 from data_pipeline.errors import PipelineError
 from data_pipeline.export import write_bin_idx
-from megatron_geno.config import ConfigError, TrainConfig
+from megatron_geno.config import ConfigError, TrainConfig, parse_blend
 from megatron_geno.tokenizer import tokenizer_soft_mask
 from megatron_geno.vocab import COMPLEMENT, EOD
 
@@ -97,15 +97,6 @@ def synthetic_prefix(cfg: TrainConfig, cache_dir: Path) -> str:
         write_indexed_dataset(prefix, synthetic_genome(d.synthetic_genome_length, d.synthetic_seed))
     torch.distributed.barrier()
     return str(prefix)
-
-
-def parse_blend(blend: list) -> tuple[list[str], Optional[list[float]]]:
-    """Returns (paths, weights) from ``[w1, p1, w2, p2]`` or ``[p1, p2]``."""
-    if all(isinstance(x, str) for x in blend):
-        return [str(x) for x in blend], None
-    if len(blend) % 2 or not all(isinstance(w, (int, float)) for w in blend[0::2]):
-        raise ConfigError(f"data.blend must be [prefix, ...] or [weight, prefix, ...]; got {blend}")
-    return [str(p) for p in blend[1::2]], [float(w) for w in blend[0::2]]
 
 
 def check_prefixes(paths: list[str], split: str) -> None:

@@ -7,11 +7,49 @@ never a half file under the final name.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import shutil
 import socket
 import tempfile
 from pathlib import Path
+from typing import Optional
+
+
+_OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EFBIG: "file too large (the filesystem's or ulimit -f's limit)"}
+
+
+def out_of_space(err: BaseException) -> Optional[str]:
+    """'no space left on device' (or the quota or file-size reason) when err, or anything it
+    wraps, is that OSError; None otherwise. Follows __cause__/__context__ and the per-rank
+    failures of torch.distributed.checkpoint's CheckpointException. Writers that lose the errno
+    (torch's C++ file writer says only "file write failed") are judged by the caller from the
+    free space left."""
+    stack, seen = [err], set()
+    while stack:
+        exc = stack.pop()
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_SPACE:
+            return _OUT_OF_SPACE[exc.errno]
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):  # Rust, C writers
+            return _OUT_OF_SPACE[errno.ENOSPC]
+        stack += [exc.__cause__, exc.__context__]
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    return None
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free space (for this user) on the filesystem holding path, or its nearest existing parent."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _umask() -> int:
@@ -122,14 +160,21 @@ class DirectoryLock:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f".geno-{name}.lock"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise DirectoryLocked(f"{directory} is being written by {holder}; wait for it to "
+                                      f"end or write elsewhere") from None
+            try:  # a releasing holder unlinks the file: the lock taken must be on the live one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise DirectoryLocked(f"{directory} is being written by {holder}; wait for it to "
-                                  f"end or write elsewhere") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
         self.fd = fd

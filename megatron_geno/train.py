@@ -32,6 +32,7 @@ from megatron_geno.checkpointing import (
     resume_target,
     load_checkpoint,
     save_checkpoint,
+    save_failed,
 )
 from megatron_geno.config import ConfigError, TrainConfig, warmup_steps
 from megatron_geno.data import Prefetcher, build_datasets, microbatches
@@ -216,6 +217,14 @@ class TrainingRun:
         check_context_parallel_kernel(cfg)
         self.rank0 = distributed.rank() == 0
         self.lock = self._lock_checkpoint_dir(cfg)
+        try:
+            self._set_up(cfg)
+        except BaseException:  # a refused or failed set-up leaves no lock file behind
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _set_up(self, cfg: TrainConfig) -> None:
         self.run_dir = Path(cfg.logging.run_dir)
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if self.lock is not None:  # rank 0, saving: is there room for a checkpoint?
@@ -416,12 +425,25 @@ class TrainingRun:
         ranks call this at the same steps: it agrees over them); with blocking, waits for it."""
         if self.async_saves is None or not self.async_saves.get_num_unfinalized_calls():
             return
-        self.async_saves.maybe_finalize_async_calls(blocking=blocking)
+        try:
+            self.async_saves.maybe_finalize_async_calls(blocking=blocking)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as err:  # CheckpointException, raised on every rank alike
+            raise save_failed(err, self.writing) from None
         if not self.async_saves.get_num_unfinalized_calls():
             self.saved.append(self.writing)
             self.say(f"# saved checkpoint {self.writing}", quiet_log=False)
 
     def run(self) -> list[dict]:
+        """Trains to the end (or a stop); checkpoint.save's lock is released however it ends."""
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> list[dict]:
         s, interval = self.cfg.schedule, self.cfg.checkpoint.save_interval
         first_iteration, started = self.state.iteration, time.perf_counter()
         while self.state.iteration < s.train_iters:
@@ -456,8 +478,6 @@ class TrainingRun:
         if self.async_saves is not None:
             self.async_saves.close()
         self.stop.close()
-        if self.lock is not None:
-            self.lock.release()
         if self.writer:
             self.writer.close()
         self.say(run_summary(self.cfg, self.records, self.state.iteration - first_iteration,

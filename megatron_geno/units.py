@@ -18,3 +18,12 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r} is not a size like 5GB, 500M, 2GiB or 1e9")
     number, unit = match.groups()
     return int(float(number) * _UNITS[(unit or "").lower()])
+
+
+def format_bytes(count: float) -> str:
+    """A byte count for people: '512 B', '7.3 MiB', '15.2 GiB' (powers of 1024)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
