@@ -109,6 +109,18 @@ def check_unique(assemblies: list[Assembly], where: str) -> None:
         seen[a.assembly] = a
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable (SLURM's array variables); ManifestError naming it."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ManifestError(f"environment variable {name}={text!r} is not an integer (give "
+                            f"--task-index and --num-tasks instead)") from None
+
+
 def task_slice(assemblies: list[Assembly], task_index: Optional[int],
                num_tasks: Optional[int]) -> list[Assembly]:
     """Returns this task's assemblies: every num_tasks-th of the id-sorted list, from task_index.
@@ -117,10 +129,9 @@ def task_slice(assemblies: list[Assembly], task_index: Optional[int],
     of `sbatch --array=0-(N-1)` takes a disjoint, deterministic share.
     """
     if num_tasks is None:
-        num_tasks = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+        num_tasks = _env_int("SLURM_ARRAY_TASK_COUNT", 1)
     if task_index is None:
-        task_index = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-        task_index -= int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        task_index = _env_int("SLURM_ARRAY_TASK_ID", 0) - _env_int("SLURM_ARRAY_TASK_MIN", 0)
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise ManifestError(f"--task-index {task_index} must be in [0, --num-tasks {num_tasks})")
     ordered = sorted(assemblies, key=lambda a: a.assembly)

@@ -97,6 +97,14 @@ def main(argv=None) -> int:
         print(f"geno-train: error: {err}", file=sys.stderr)
         distributed.destroy()  # every rank meets these alike; no rank is left in a collective
         return 2
+    except OSError as err:  # a run directory or cache that cannot be written (checked at start)
+        from megatron_geno.files import out_of_space
+
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"geno-train: error: cannot write {where}{out_of_space(err) or err.strerror or err}",
+              file=sys.stderr)
+        distributed.destroy()
+        return 2
     except ShardError as err:  # a damaged corpus file, met by the rank that reads it
         print(f"geno-train: error: {err} (geno-preprocess verify finds such damage)",
               file=sys.stderr)

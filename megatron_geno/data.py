@@ -109,7 +109,7 @@ def check_prefixes(paths: list[str], split: str) -> None:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):
                 raise ConfigError(f"data.blend: {prefix}{ext} does not exist")
-        num_docs = len(IndexedDataset(prefix, mmap=True).sequence_lengths)
+        num_docs = len(open_indexed(prefix, "data.blend").sequence_lengths)
         for name, bounds in zip(("train", "valid", "test"), matrix):
             if bounds is None or bounds[0] == bounds[1]:
                 continue
@@ -118,6 +118,25 @@ def check_prefixes(paths: list[str], split: str) -> None:
                     f"{prefix}: {num_docs} documents leave the {name} part of data.split="
                     f"{split!r} empty; give more documents or set data.split (e.g. '100,0,0')"
                 )
+
+
+def open_indexed(prefix: str, key: str) -> IndexedDataset:
+    """megatron-core's IndexedDataset of a .bin/.idx pair, checked: an .idx that megatron-core
+    cannot read, or a .bin of another size than the .idx describes (a truncated copy), is a
+    ConfigError naming the file and the config key."""
+    try:
+        dataset = IndexedDataset(prefix, mmap=True)
+        lengths = dataset.sequence_lengths
+        itemsize = dataset.index.dtype_size
+    except Exception as err:  # noqa: BLE001 - struct, numpy and assertion errors alike
+        raise ConfigError(f"{key}: {prefix}.idx is damaged or truncated ({type(err).__name__}: "
+                          f"{str(err).strip()[:120]}); export it again") from None
+    expected = int(lengths.astype("int64").sum()) * itemsize
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise ConfigError(f"{key}: {prefix}.bin holds {actual:,d} bytes but its .idx describes "
+                          f"{expected:,d} (truncated or from another export); export it again")
+    return dataset
 
 
 def _is_prefix(prefix: str) -> bool:
@@ -147,10 +166,11 @@ def megatron_blend_per_split(d, needed: list[bool]) -> Optional[list]:
             keep = [i for i, p in enumerate(paths) if p in exported and _is_prefix(f"{p}_{split}")]
             chosen = [f"{paths[i]}_{split}" for i in keep]
             chosen_weights = [weights[i] for i in keep] if weights else None
+        key = f"data.{'blend' if split == 'train' else split + '_blend'}"
         for prefix in chosen:
             if not _is_prefix(prefix):
-                raise ConfigError(f"data.{'blend' if split == 'train' else split + '_blend'}: "
-                                  f"{prefix}.bin / .idx do not exist")
+                raise ConfigError(f"{key}: {prefix}.bin / .idx do not exist")
+            open_indexed(prefix, key)
         if need and not chosen:
             raise ConfigError(f"data.source=megatron: no {split} data; give data.{split}_blend, "
                               f"export a {split} split with geno-preprocess, or set "
@@ -199,12 +219,17 @@ class GenoGPTDataset(GPTDataset):
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
 
 
-def zarr_blend_per_split(blend: list, needed: list[bool], soft_mask: str = "upper") -> list:
+def zarr_blend_per_split(blend: list, needed: list[bool], soft_mask: str = "upper",
+                         seq_length: int = 0, train_tokens: int = 0) -> list:
     """Returns megatron-core's blend_per_split from [weight, corpus, ...]: the manifests' splits.
 
     A split that is needed (train always; valid when evaluating) but has no documents in any
-    corpus is a ConfigError naming the corpora; so is a corpus made under another soft-mask
-    policy than the tokenizer's (``soft_mask``): its token ids would mean other bases.
+    corpus is a ConfigError naming the corpora (and saying whether the corpora are empty or
+    every document is held out); so is a corpus made under another soft-mask policy than the
+    tokenizer's (``soft_mask``): its token ids would mean other bases. A train split shorter
+    than one sample (seq_length + 1 tokens) is a ConfigError with both numbers: every sample
+    would hold the same corpus repeated; a run that reads the train split more than once
+    (train_tokens, its token count) is said in a warning with the number of passes.
     """
     paths, weights = parse_blend(blend)
     try:
@@ -228,11 +253,27 @@ def zarr_blend_per_split(blend: list, needed: list[bool], soft_mask: str = "uppe
                 if weights:
                     chosen_weights.append(weights[i])
         if need and not chosen:
-            hint = ("hold out contigs or samples with geno-preprocess run --holdout-contigs / "
-                    "--holdout-samples, or set schedule.eval_interval=0" if split != "train"
-                    else "every document is held out")
+            if split != "train":
+                hint = ("hold out contigs or samples with geno-preprocess run --holdout-contigs "
+                        "/ --holdout-samples, or set schedule.eval_interval=0")
+            elif not any(m["totals"]["tokens"] for m in manifests):
+                hint = ("the corpora hold no tokens at all (geno-preprocess stats shows what "
+                        "--min-length / --max-n-fraction dropped)")
+            else:
+                hint = "every document is held out (valid or test)"
             raise ConfigError(f"data.blend: no {split} documents in {', '.join(paths)}; {hint}")
         per_split.append((chosen, chosen_weights or None) if chosen else None)
+    train = sum(m["totals"]["split_tokens"]["train"] for m in manifests)
+    if seq_length and train < seq_length + 1:
+        raise ConfigError(f"data.seq_length={seq_length} needs {seq_length + 1:,d} tokens per "
+                          f"sample, but the train split of {', '.join(paths)} holds {train:,d}: "
+                          f"every sample would repeat the whole corpus; use a shorter "
+                          f"data.seq_length or a larger corpus")
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    if train_tokens > train and rank0:
+        log.warning("data.blend: this run reads %s train tokens, %.1f passes over the %s of %s "
+                    "(samples repeat from the second pass on)", f"{train_tokens:,d}",
+                    train_tokens / train, f"{train:,d}", ", ".join(paths))
     return per_split
 
 
@@ -249,7 +290,8 @@ def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):
     sources: dict = {}
     if d.source == "zarr":
         per_split = zarr_blend_per_split(d.blend, [True, eval_runs > 0, False],
-                                         tokenizer_soft_mask(d.tokenizer))
+                                         tokenizer_soft_mask(d.tokenizer), d.seq_length,
+                                         sizes[0] * d.seq_length)
         sizes = [size if blend else None for size, blend in zip(sizes, per_split)]
         sources["blend_per_split"] = per_split
     elif d.source == "megatron" and (per_split := megatron_blend_per_split(

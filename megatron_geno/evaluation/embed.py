@@ -27,7 +27,9 @@ def read_sequences(fasta: Optional[str] = None, bed: Optional[str] = None,
                    reference: Optional[str] = None) -> list[tuple[str, str]]:
     """(name, bases) of every FASTA record, or of every BED region (name: the BED name column,
     else chrom:start-end)."""
-    import pysam
+    from megatron_geno.evaluation.models import pysam_module
+
+    pysam = pysam_module()
 
     from megatron_geno.evaluation.variants import open_reference
 

@@ -25,6 +25,16 @@ class EvalError(RuntimeError):
     """Input geno-eval refuses: the message names the file, record or option at fault."""
 
 
+def pysam_module():
+    """pysam (the [eval] extra), or EvalError saying how to install it."""
+    try:
+        import pysam
+    except ImportError:
+        raise EvalError("geno-eval variants and embed read VCF, BCF and FASTA with pysam: pip "
+                        "install 'megatron-geno[eval]'") from None
+    return pysam
+
+
 class MegatronModel:
     """A geno-train checkpoint on megatron-core, at parallel.tensor_parallel x pipeline_parallel
     x context_parallel (the rest of the world is data parallel: each data-parallel group scores
@@ -214,13 +224,19 @@ class HFModel:
             self.soft_mask = read_hf_soft_mask(hf_dir) or "upper"
         except ValueError as err:
             raise EvalError(str(err)) from None
-        from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
+        _check_safetensors(hf_dir)
+        try:
+            from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+        except ImportError:
+            raise EvalError("geno-eval --hf needs transformers: pip install "
+                            "'megatron-geno[hf]' (or evaluate the geno-train checkpoint with "
+                            "--checkpoint)") from None
 
         hf_logging.disable_progress_bar()  # geno-eval draws its own
         try:
             self.model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-        except (OSError, ValueError, RuntimeError) as err:
+        except Exception as err:  # noqa: BLE001 - transformers' and safetensors' errors vary
             raise EvalError(f"transformers cannot load {hf_dir}: "
                             f"{str(err).splitlines()[0]}") from None
         self.model.eval()
@@ -245,6 +261,22 @@ class HFModel:
         with torch.no_grad():
             out = self.model.model(tokens, output_hidden_states=True)
         return out.hidden_states[layer].float()
+
+
+def _check_safetensors(hf_dir: Path) -> None:
+    """Every weights file of an export opens with the safetensors library, which checks its header
+    and that the file covers it (a truncated copy); EvalError naming the file otherwise."""
+    from safetensors import SafetensorError, safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise EvalError(f"{hf_dir} holds no .safetensors weights (geno-convert to-hf writes them)")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError, ValueError) as err:
+            raise EvalError(f"{path} is damaged or truncated: {str(err).strip()[:200]}") from None
 
 
 def open_model(checkpoint: Optional[str] = None, hf: Optional[str] = None,

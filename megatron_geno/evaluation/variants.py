@@ -60,7 +60,9 @@ def label_of(value) -> Optional[int]:
 
 
 def open_reference(path: str | Path):
-    import pysam
+    from megatron_geno.evaluation.models import pysam_module
+
+    pysam = pysam_module()
 
     path = Path(path)
     if not path.is_file():
@@ -83,7 +85,9 @@ def read_variants(vcf: str | Path, reference, label_field: Optional[str] = None)
     """Every ALT allele of every record, in file order. A compressed VCF or a BCF must be indexed
     (.tbi / .csi) and is read contig by contig; records must be sorted; every contig must be in
     the reference. Errors name the file and record."""
-    import pysam
+    from megatron_geno.evaluation.models import pysam_module
+
+    pysam = pysam_module()
 
     vcf = Path(vcf)
     if not vcf.is_file():

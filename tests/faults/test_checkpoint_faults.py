@@ -314,3 +314,9 @@ def test_conversion_refuses_a_damaged_latest_unless_told_the_iteration(ck, tmp_p
     assert tree(tmp_path) == before
     proc = convert("inspect", str(ck), "--iteration", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    line = error_line(train(tmp_path / "file" / "run", "schedule.train_iters=2"))
+    assert f"cannot write {tmp_path / 'file' / 'run'}" in line and "Not a directory" in line, line

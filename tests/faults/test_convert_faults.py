@@ -4,6 +4,7 @@ what it created, never replaces OUT, and checks an HF directory before writing a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -176,3 +177,97 @@ def test_from_hf_without_config_json(exported, tmp_path):
     (hf / "config.json").unlink()
     with pytest.raises(ConversionError, match="config.json"):
         hf_to_mcore(hf, tmp_path / "imp")
+
+
+def _leftovers(parent):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".hf."))
+
+
+def test_a_second_conversion_into_the_same_out_is_refused(exported, tmp_path):
+    from megatron_geno.files import DirectoryLock
+
+    holder = DirectoryLock(tmp_path, "out-hf")  # what a running conversion into tmp/hf holds
+    before = tree(tmp_path)
+    try:
+        line = error_line(convert("to-hf", "--checkpoint", str(exported / "ck"),
+                                  "--out", str(tmp_path / "hf")))
+        assert tree(tmp_path) == before  # the holder's lock file untouched, nothing added
+    finally:
+        holder.release()
+    assert "is being written by host" in line and f"pid {os.getpid()}" in line, line
+
+
+def test_a_killed_conversions_leftovers_are_removed_by_the_next(exported, tmp_path):
+    left = tmp_path / ".hf.k1ll3d_x.tmp"  # as fresh_temp_dir names a conversion's directory
+    left.mkdir()
+    (left / "model-00001-of-00002.safetensors").write_bytes(b"half a file")
+    mine = tmp_path / ".hf.notes"  # not a conversion's: kept
+    mine.write_text("keep me")
+    proc = convert("to-hf", "--checkpoint", str(exported / "ck"), "--out", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _leftovers(tmp_path) == [".hf.notes"]
+    assert (tmp_path / "hf" / "config.json").exists()
+
+
+def test_ctrl_c_in_a_conversion_is_one_line_and_leaves_nothing(exported, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.functional.launcher import quiet_env
+
+    out = tmp_path / "hf"
+    proc = subprocess.Popen([sys.executable, "-m", "checkpoint_tools.cli", "to-hf",
+                             "--checkpoint", str(exported / "ck"), "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True, env=quiet_env())
+    deadline = time.monotonic() + 120
+    while not (tmp_path / ".geno-out-hf.lock").exists() and time.monotonic() < deadline:
+        time.sleep(0.002)  # the lock is taken before the checkpoint is read
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "geno-convert: interrupted: nothing was written" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUT, no temporary, no lock
+
+
+def test_eval_of_a_truncated_export_names_the_file(exported, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(exported / "hf", hf)
+    weights = sorted(hf.glob("*.safetensors"))[-1]
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (tmp_path / "x.fa").write_text(">x\nACGTACGTAC\n")
+    line = error_line(run_eval("embed", "--hf", str(hf), "--fasta", str(tmp_path / "x.fa"),
+                               "--out", str(tmp_path / "emb")))
+    assert f"{weights} is damaged or truncated" in line, line
+
+
+@pytest.mark.parametrize("missing,command,extra", [
+    ("transformers", "embed", "megatron-geno[hf]"),
+    ("pysam", "embed", "megatron-geno[eval]"),
+])
+def test_eval_without_an_extra_says_which_to_install(exported, tmp_path, missing, command, extra):
+    import subprocess
+    import sys
+
+    from tests.functional.launcher import quiet_env
+
+    (tmp_path / "x.fa").write_text(">x\nACGTACGTAC\n")
+    args = [command, "--hf", str(exported / "hf"), "--fasta", str(tmp_path / "x.fa"),
+            "--out", str(tmp_path / "emb")]
+    code = (f"import sys; sys.modules[{missing!r}] = None\n"  # as if the extra were not installed
+            f"from megatron_geno.evaluation.cli import main\nsys.exit(main({args!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, env=quiet_env())
+    line = error_line(proc)
+    assert extra in line, line
+
+
+def run_eval(*args: str):
+    import subprocess
+    import sys
+
+    from tests.functional.launcher import quiet_env
+
+    return subprocess.run([sys.executable, "-m", "megatron_geno.evaluation.cli", *args],
+                          capture_output=True, text=True, timeout=300, env=quiet_env())

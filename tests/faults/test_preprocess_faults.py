@@ -238,3 +238,71 @@ def test_data_corner_cases_are_one_line_or_just_work(fastas, tmp_path):
     all_n = write_fasta(tmp_path / "alln.fa", {"chr1": b"N" * 5000})
     line = error_line(preprocess("run", "--out", str(tmp_path / "c_n"), str(all_n)))
     assert "holds no sequence" in line and "alln" in line and "--max-n-fraction" in line, line
+
+
+def test_training_data_that_cannot_fill_a_sample_is_one_line_with_numbers(fastas, tmp_path):
+    """An empty corpus is called empty (not 'held out'); a corpus shorter than one sample is
+    refused with both numbers; a run that repeats the corpus says how many passes it makes."""
+    import logging
+
+    from megatron_geno.config import ConfigError
+    from megatron_geno.data import zarr_blend_per_split
+
+    all_n = write_fasta(tmp_path / "alln.fa", {"chr1": b"N" * 5000})
+    preprocess("run", "--out", str(tmp_path / "empty"), str(all_n))  # refused, manifest written
+    with pytest.raises(ConfigError) as err:
+        zarr_blend_per_split([str(tmp_path / "empty")], [True, False, False])
+    assert "hold no tokens at all" in str(err.value), str(err.value)
+
+    assert preprocess("run", "--out", str(tmp_path / "c"), str(fastas[0])).returncode == 0
+    train = json.loads((tmp_path / "c" / "manifest.json").read_text())["totals"]["split_tokens"]["train"]
+    with pytest.raises(ConfigError) as err:
+        zarr_blend_per_split([str(tmp_path / "c")], [True, False, False], seq_length=train)
+    assert (f"data.seq_length={train} needs {train + 1:,d} tokens per sample, but the train "
+            f"split of {tmp_path / 'c'} holds {train:,d}") in str(err.value), str(err.value)
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("megatron_geno.data").addHandler(handler)
+    try:
+        zarr_blend_per_split([str(tmp_path / "c")], [True, False, False], seq_length=128,
+                             train_tokens=3 * train)
+    finally:
+        logging.getLogger("megatron_geno.data").removeHandler(handler)
+    assert any("3.0 passes over the" in r.getMessage() for r in records), records
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("idx", "human_train.idx is damaged or truncated"),
+    ("bin", "human_train.bin holds"),
+])
+def test_a_truncated_export_is_one_line_naming_the_file(fastas, tmp_path, damage, expected):
+    from types import SimpleNamespace
+
+    from megatron_geno.config import ConfigError
+    from megatron_geno.data import check_prefixes, megatron_blend_per_split
+
+    assert preprocess("run", "--out", str(tmp_path / "c"), str(fastas[0])).returncode == 0
+    prefix = tmp_path / "mg" / "human"
+    assert preprocess("export-megatron", str(tmp_path / "c"), "--prefix",
+                      str(prefix)).returncode == 0
+    check_prefixes([f"{prefix}_train"], "100,0,0")  # whole, it opens
+    path = tmp_path / "mg" / f"human_train.{damage}"
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ConfigError) as err:
+        check_prefixes([f"{prefix}_train"], "100,0,0")
+    assert expected in str(err.value) and "data.blend" in str(err.value), str(err.value)
+    d = SimpleNamespace(blend=[str(prefix)], valid_blend=[], test_blend=[])
+    with pytest.raises(ConfigError) as err:
+        megatron_blend_per_split(d, [True, False, False])
+    assert expected in str(err.value), str(err.value)
+
+
+def test_a_bad_slurm_array_variable_is_one_line(fastas, tmp_path, monkeypatch):
+    from data_pipeline.manifest import ManifestError, task_slice
+
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3%")
+    with pytest.raises(ManifestError) as err:
+        task_slice([], None, 4)
+    assert "SLURM_ARRAY_TASK_ID='3%' is not an integer" in str(err.value)
