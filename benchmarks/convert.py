@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint_tools.to_hf import hf_config  # noqa: E402
-from megatron_geno.presets import get_preset  # noqa: E402
+from megatron_geno.config import get_preset  # noqa: E402
 
 
 def write_random_hf(out: Path, layers: int, dtype: torch.dtype) -> int:

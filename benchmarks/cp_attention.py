@@ -149,7 +149,7 @@ def emulate(seq: int, cp: int, reference_up_to: int, device: torch.device) -> di
     from megatron_geno.attention import attend_chunks
     from megatron_geno.config import ModelConfig
     from megatron_geno.metrics import peak_flops
-    from megatron_geno.presets import get_preset
+    from megatron_geno.config import get_preset
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model: ModelConfig = get_preset("genos-1.2b")

@@ -57,7 +57,8 @@ def main() -> None:
     from megatron_geno.config import load_config
     from megatron_geno.evaluation.models import MegatronModel
     from megatron_geno.evaluation.variants import prepare_variants, score_variants
-    from megatron_geno.model import build_model_chunks, describe
+    from megatron_geno.model import build_model_chunks
+    from megatron_geno.runtime import for_config
     from megatron_geno.tokenizer import VOCAB_SIZE
 
     overrides = [f"model.preset={args.preset}", "model.fusions=off"]
@@ -80,7 +81,7 @@ def main() -> None:
             elapsed = time.perf_counter() - start
             assert result["counts"] == {"ok": args.variants}, result["counts"]
             rows.append((batch, args.variants / elapsed, 2 * args.variants * args.window / elapsed))
-    print(f"\n{describe(cfg)}\n{args.variants} SNVs, window {args.window}, one strand "
+    print(f"\n{for_config(cfg).line()}\n{args.variants} SNVs, window {args.window}, one strand "
           f"(2 windows per variant)\n")
     print("| batch size (windows) | variants/s | tokens/s | x batch size 1 |")
     print("|---:|---:|---:|---:|")

@@ -70,7 +70,8 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int,
 
     from megatron_geno import distributed
     from megatron_geno.config import load_config
-    from megatron_geno.model import build_model_chunks, describe
+    from megatron_geno.model import build_model_chunks
+    from megatron_geno.runtime import for_config
     from megatron_geno.tokenizer import VOCAB_SIZE
 
     cfg = load_config(None, [f"model.preset={preset}", f"model.num_layers={layers}",
@@ -85,7 +86,7 @@ def count_ops(preset: str, layers: int, grouped: str, dispatcher: str, seq: int,
     distributed.initialize(cfg, seed=1234)
     try:
         (model,) = build_model_chunks(cfg, VOCAB_SIZE)
-        line = describe(cfg)
+        line = for_config(cfg).line()
         torch.manual_seed(0)
         tokens = torch.randint(5, 9, (1, seq))
         positions = torch.arange(seq)[None]
@@ -180,7 +181,7 @@ def whole_step_reads(preset: str, layers: int, seq: int, steps: int) -> tuple[di
                                  f"logging.log_interval={steps}", f"logging.run_dir={tmp}/run",
                                  f"data.cache_dir={tmp}/cache"])
         run = train_module.TrainingRun(cfg)
-        line = train_module.describe(run.cfg)
+        line = run.runtime.line()
         original = run.step
 
         def step():  # counts from the second step on: the first initialises lazily

@@ -40,7 +40,8 @@ def main() -> None:
 
     from megatron_geno import distributed
     from megatron_geno.config import load_config
-    from megatron_geno.model import build_model_chunks, describe
+    from megatron_geno.model import build_model_chunks
+    from megatron_geno.runtime import for_config
     from megatron_geno.tokenizer import VOCAB_SIZE
 
     logging.disable(logging.WARNING)
@@ -76,7 +77,7 @@ def main() -> None:
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         total = sum(getattr(e, key) for e in averages) or 1.0
         host = sum(e.self_cpu_time_total for e in averages)
-        print(f"\n{describe(cfg)}; {args.preset} L={args.layers} seq={args.seq} mbs={args.mbs}, "
+        print(f"\n{for_config(cfg).line()}; {args.preset} L={args.layers} seq={args.seq} mbs={args.mbs}, "
               f"{args.steps} micro-batches (forward + backward)")
         print(f"per micro-batch: wall {wall * 1e3:.1f} ms, host op time {host / args.steps / 1e3:.1f}"
               f" ms, {'device' if cuda else 'CPU'} op time {total / args.steps / 1e3:.1f} ms\n")

@@ -18,6 +18,7 @@ from checkpoint_tools.output_dir import claimed_out, write_into_new_dir
 from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
 from megatron_geno.checkpoint_trust import seal
 from megatron_geno.config import ModelConfig, TrainConfig
+from megatron_geno.config import get_preset
 from megatron_geno.presets import PRESETS
 from megatron_geno.tokenizer import VOCAB_SIZE, read_hf_soft_mask
 
@@ -84,7 +85,7 @@ def model_config_from_hf(config: dict) -> ModelConfig:
     heads = config["num_attention_heads"]
     preset = config.get("geno_preset") if config.get("geno_preset") in PRESETS else "genos-1.2b"
     return dataclasses.replace(
-        PRESETS[preset],
+        get_preset(preset),
         preset=preset,
         num_layers=config["num_hidden_layers"],
         hidden_size=config["hidden_size"],

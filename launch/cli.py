@@ -119,11 +119,18 @@ def main(argv=None) -> int:
         cfg, launch, path = load_recipe(args.recipe, args.overrides)
         world = args.nodes * args.gpus_per_node
         result = plan(cfg, world, launch.token_budget, gpu_gib)
+        # the stack the job will run, resolved for its GPU nodes (the docker image: CUDA, TE),
+        # not for the login node geno-launch runs on
+        from megatron_geno.runtime import Machine, resolve
+
+        runtime = resolve(cfg, Machine.gpu_node(), world)
     except (ConfigError, LayoutError) as err:
         print(f"geno-launch: error: {err}", file=sys.stderr)
         return 2
     print(f"recipe     {launch.name} (phase {launch.phase}"
           + (f", starts from {launch.previous}: weights only" if launch.previous else "") + ")")
+    print(f"stack      {runtime.line()} (GPU nodes with the docker image's Transformer "
+          f"Engine)")
     print(format_plan(cfg, result, launch.token_budget))
     config = Path(cfg.logging.run_dir) / "launch" / f"{launch.name}.yaml"
     resolved = cfg.to_yaml()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.layout import LayoutError, validate_layout  # noqa: F401 - launch's API
-from megatron_geno.presets import count_parameters, resolve_padded_vocab
+from megatron_geno.arithmetic import count_parameters, resolve_padded_vocab
 from megatron_geno.vocab import VOCAB_SIZE
 
 GIB = 1 << 30

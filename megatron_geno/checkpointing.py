@@ -44,7 +44,8 @@ from megatron_geno.units import format_bytes
 log = logging.getLogger(__name__)
 
 __all__ = ["CheckpointError", "TrainState", "save_checkpoint", "load_checkpoint",
-           "resolve_checkpoint_dir", "resume_target", "read_common"]
+           "resolve_checkpoint_dir", "resume_target", "read_common", "SavedRun",
+           "read_saved_run"]
 
 # Fields that must agree between a checkpoint and the model that loads it.
 ARCHITECTURE_FIELDS = [
@@ -129,24 +130,68 @@ def resume_point(save: str | Path, fallback: bool = True) -> Optional[Path]:
     return candidates[0]
 
 
-def resume_target(cfg: TrainConfig) -> TrainConfig:
-    """Returns cfg set to resume from checkpoint.save when that already holds a checkpoint.
+def resume_target(cfg: TrainConfig) -> tuple[TrainConfig, Optional[Path]]:
+    """Returns (cfg, the checkpoint directory to load, structurally checked, or None).
 
-    With checkpoint.auto_resume (default), a restarted or requeued run continues itself (model,
-    optimizer, schedule, data position) instead of starting again from checkpoint.load, which for
-    a later phase is the previous phase's checkpoint, read weights-only.
+    With checkpoint.auto_resume (default) and a checkpoint already in checkpoint.save, cfg is set
+    to resume from it: a restarted or requeued run continues itself (model, optimizer, schedule,
+    data position) instead of starting again from checkpoint.load, which for a later phase is
+    the previous phase's checkpoint, read weights-only. Otherwise checkpoint.load's (if any).
     """
     c = cfg.checkpoint
-    if not (c.auto_resume and c.save):
-        return cfg
-    point = resume_point(c.save)
+    point = resume_point(c.save) if c.auto_resume and c.save else None
     if point is None:
-        return cfg
+        return cfg, resolve_checkpoint_dir(c.load) if c.load else None
     if c.load and Path(c.load).resolve() == Path(c.save).resolve() and not c.weights_only:
-        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point)))
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point))), point
     log.info("resuming from %s; checkpoint.load=%s is not used", point, c.load)
     return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point),
-                                                                   weights_only=False))
+                                                                   weights_only=False)), point
+
+
+@dataclass(frozen=True)
+class SavedRun:
+    """What a checkpoint holds about the run that saved it, read once at set-up (after its
+    bytes passed the checksum check): common.pt (model config and padded vocabulary, layout,
+    Runtime, optimizer groups, train state) and config.yaml (the whole config, the tokenizer).
+    Training reads everything it needs to know before building from this one value."""
+
+    path: Path
+    common: dict
+    config: dict
+
+    @property
+    def padded_vocab_size(self) -> Optional[int]:
+        return (self.common.get("model_config") or {}).get("padded_vocab_size")
+
+    @property
+    def tokenizer(self) -> str:
+        """data.tokenizer of the run that saved it ("geno" when it records none)."""
+        return (self.config.get("data") or {}).get("tokenizer", "geno")
+
+    @property
+    def weights_only(self) -> bool:
+        """An import (geno-convert from-hf): weights only, no optimizer, schedule or position."""
+        return bool(self.common.get("weights_only", False))
+
+
+def read_saved_run(ckpt: Path, verify_checksums: bool = True) -> SavedRun:
+    """CKPT (from resolve_checkpoint_dir / resume_target) through the trust boundary, then read
+    once: see SavedRun."""
+    common = open_for_loading(ckpt, verify_checksums)
+    return SavedRun(Path(ckpt), common, _saved_config(ckpt))
+
+
+def _saved_config(ckpt: Path) -> dict:
+    """CKPT's config.yaml ({} when it has none: an older checkpoint)."""
+    import yaml
+
+    path = Path(ckpt) / "config.yaml"
+    try:
+        config = yaml.safe_load(path.read_text()) if path.exists() else {}
+    except (OSError, yaml.YAMLError) as err:
+        raise CheckpointError(f"{path} cannot be read: {err}") from None
+    return config if isinstance(config, dict) else {}
 
 
 def resolve_checkpoint_dir(path: str | Path, iteration: Optional[int] = None,
@@ -382,7 +427,7 @@ def _publish(save: Path, tmp: Path, final: Path, iteration: int) -> None:
 def checkpoint_bytes(cfg: TrainConfig, vocab_size: int) -> int:
     """What one checkpoint of this model takes on disk, roughly: fp32 weights and their two Adam
     moments (12 B per parameter), plus the model's own weights as trained (2 or 4 B)."""
-    from megatron_geno.presets import count_parameters, resolve_padded_vocab
+    from megatron_geno.arithmetic import count_parameters, resolve_padded_vocab
 
     padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
     return 16 * count_parameters(cfg.model, padded)["total"]
@@ -399,7 +444,7 @@ def space_warning(save: Path, needed: int) -> Optional[str]:
 
 
 def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState,
-                    async_queue=None) -> Path:
+                    async_queue=None, runtime=None) -> Path:
     """Saves a complete checkpoint under cfg.checkpoint.save and returns its directory.
 
     With async_queue (megatron-core's AsyncCallsQueue; checkpoint.async_save) the tensors are
@@ -424,6 +469,8 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         "train_state": dataclasses.asdict(state),
         "model_config": dataclasses.asdict(cfg.model),
         "layout": _layout(cfg, optimizer),
+        # the resolved stack that wrote it (runtime.Runtime): spec, experts, precision, ...
+        "runtime": runtime.to_dict() if runtime is not None else None,
     }
     finish = partial(_seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
     try:
@@ -496,16 +543,6 @@ def read_common(ckpt: Path) -> dict:
     return trust.read_common(ckpt)
 
 
-def checkpoint_vocab(cfg: TrainConfig) -> Optional[int]:
-    """The padded vocabulary recorded in the checkpoint to load (None: no checkpoint, or none
-    recorded); it wins over the one a new run would derive, so a checkpoint keeps its vocabulary
-    at any TP."""
-    if not cfg.checkpoint.load:
-        return None
-    saved = read_common(resolve_checkpoint_dir(cfg.checkpoint.load)).get("model_config", {})
-    return saved.get("padded_vocab_size")
-
-
 def model_weights_request(chunks: list, common: dict, ckpt: Path) -> dict:
     """Returns the model's sharded state dict to load from the checkpoint ``ckpt``: under the
     names it stores (local or Transformer Engine, TE_KEY_ALIASES), without the _extra_state
@@ -551,17 +588,17 @@ def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
             )
 
 
-def load_checkpoint(
-    cfg: TrainConfig, model, optimizer, scheduler, iteration: Optional[int] = None
-) -> TrainState:
-    """Loads cfg.checkpoint.load into model (and optimizer, scheduler, RNG unless weights_only)."""
-    ckpt = resolve_checkpoint_dir(cfg.checkpoint.load, iteration)
-    common = open_for_loading(ckpt, cfg.checkpoint.verify_checksums)
+def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: SavedRun,
+                    fused_adam: bool = False) -> TrainState:
+    """Loads the checkpoint read at set-up (saved_run) into model (and optimizer, scheduler, RNG
+    unless weights_only). fused_adam: this run's Adam kernel (runtime.adam == 'fused'); a
+    checkpoint carries the kernel choice of the run that saved it, which this run's replaces."""
+    ckpt, common = saved_run.path, saved_run.common
     if "model_config" in common:
         check_architecture(common["model_config"], cfg.model, ckpt)
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
-    weights_only = cfg.checkpoint.weights_only or common.get("weights_only", False)
-    saved, now = saved_tokenizer(ckpt), cfg.data.tokenizer
+    weights_only = cfg.checkpoint.weights_only or saved_run.weights_only
+    saved, now = saved_run.tokenizer, cfg.data.tokenizer
     if not weights_only and _tokenizer_key(saved) != _tokenizer_key(now):
         raise CheckpointError(
             f"checkpoint {ckpt} was trained with data.tokenizer={saved} and this run says "
@@ -585,8 +622,8 @@ def load_checkpoint(
     loaded = trust.trusted_load(sharded, ckpt)
     apply_model_weights(_unwrap(model), loaded["model"], common, ckpt)
     if weights_only:
-        log.info("%s", resume_report(ckpt, cfg, ["weights"], "fresh optimizer, schedule and data "
-                                     "position"))
+        log.info("%s", resume_report(saved_run, cfg, ["weights"], "fresh optimizer, schedule "
+                                     "and data position"))
         return TrainState()
     if regrouped:
         loaded["optimizer"] = remap_optimizer_state(loaded["optimizer"], optimizer,
@@ -595,7 +632,7 @@ def load_checkpoint(
     optimizer.load_state_dict(loaded["optimizer"])
     _restore_hyperparameters(optimizer, own)
     compat.unshare_adam_steps(optimizer)
-    compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(cfg.optimizer.fused))
+    compat.set_adam_kernel(optimizer, fused_adam)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])
@@ -606,7 +643,7 @@ def load_checkpoint(
                f"{state.consumed_samples:,d} samples)",
                "RNG state" if "rng_state" in loaded else None]
     fresh = "fresh RNG state (another layout)" if "rng_state" not in loaded else ""
-    log.info("%s", resume_report(ckpt, cfg, [c for c in carried if c], fresh))
+    log.info("%s", resume_report(saved_run, cfg, [c for c in carried if c], fresh))
     return state
 
 
@@ -633,34 +670,24 @@ def _tokenizer_key(spec: str) -> str:
 
 def saved_tokenizer(ckpt: Path) -> str:
     """data.tokenizer of the run that saved CKPT (an iter_N directory; its config.yaml), or
-    "geno" when it records none."""
-    import yaml
-
-    path = Path(ckpt) / "config.yaml"
-    if not path.exists():
-        return "geno"
-    return ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("tokenizer", "geno")
+    "geno" when it records none (for readers outside training: conversion, evaluation)."""
+    return SavedRun(Path(ckpt), {}, _saved_config(ckpt)).tokenizer
 
 
-def config_changes(ckpt: Path, cfg: TrainConfig) -> list[str]:
+def config_changes(saved_run: SavedRun, cfg: TrainConfig) -> list[str]:
     """'key: saved -> now' for every config value that differs from the one the checkpoint was
     saved with (its config.yaml; empty when it has none)."""
-    import yaml
-
-    path = Path(ckpt) / "config.yaml"
-    try:
-        saved = _flatten(yaml.safe_load(path.read_text()) or {})
-    except (OSError, yaml.YAMLError, AttributeError):
-        return []
+    saved = _flatten(saved_run.config)
     now = _flatten(cfg.to_dict())
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
             if key not in _ROUTINE_KEYS and saved.get(key) != now.get(key) and key in saved]
 
 
-def resume_report(ckpt: Path, cfg: TrainConfig, carried: list[str], fresh: str = "") -> str:
+def resume_report(saved_run: SavedRun, cfg: TrainConfig, carried: list[str],
+                  fresh: str = "") -> str:
     """One line: what a load carried over, what starts fresh, and which settings changed."""
-    changes = config_changes(ckpt, cfg)
-    text = f"loaded {ckpt}: carried over {', '.join(carried)}" + (f"; {fresh}" if fresh else "")
+    changes = config_changes(saved_run, cfg)
+    text = f"loaded {saved_run.path}: carried over {', '.join(carried)}" + (f"; {fresh}" if fresh else "")
     if changes:
         shown = "; ".join(changes[:12]) + (f"; and {len(changes) - 12} more"
                                            if len(changes) > 12 else "")

@@ -11,6 +11,8 @@ from typing import Any, Optional
 
 import yaml
 
+from megatron_geno.presets import PRESETS
+
 
 class ConfigError(ValueError):
     """A configuration a user can fix: the message names the key or value at fault."""
@@ -366,10 +368,16 @@ def build_section(cls, values: dict, where: str, base=None):
     return dataclasses.replace(base, **kwargs)
 
 
+def get_preset(name: str) -> ModelConfig:
+    """The named preset's ModelConfig (megatron_geno.presets); an unknown name is a ConfigError
+    listing the known ones."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+    return ModelConfig(preset=name, **PRESETS[name])
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
     """Returns the resolved TrainConfig from a YAML file, then preset defaults, then overrides."""
-    from megatron_geno.presets import get_preset
-
     tree: dict = {}
     if path is not None:
         tree = read_yaml_file(path, "config") or {}

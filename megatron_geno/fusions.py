@@ -21,26 +21,11 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 
 import torch
 
-from megatron_geno.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-def fusions_enabled(model: ModelConfig) -> bool:
-    """model.fusions: auto = on with CUDA (Triton kernels), off on CPU (compiling costs more than
-    it saves at CPU sizes); on = compiled everywhere (on CPU it needs a C++ compiler); off."""
-    if model.fusions == "off":
-        return False
-    if model.fusions == "auto":
-        return torch.cuda.is_available()
-    if not torch.cuda.is_available() and not (shutil.which("c++") or shutil.which("g++")):
-        raise ConfigError("model.fusions=on on CPU needs a C++ compiler (torch.compile's CPU "
-                          "backend); install g++ or use model.fusions=auto")
-    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -127,14 +112,15 @@ def install_rope() -> None:
         rope_utils.fused_apply_rotary_pos_emb = fused_rope
 
 
-def transformer_fields(model: ModelConfig, te: bool, dtype: torch.dtype) -> dict:
-    """megatron-core's TransformerConfig fusion fields for this run (TE brings its own kernels
-    for RoPE, softmax and bias-dropout; model.fusions adds SwiGLU and, in bf16, cross-entropy)."""
-    fused = fusions_enabled(model)
+def transformer_fields(runtime) -> dict:
+    """megatron-core's TransformerConfig fusion fields for a resolved Runtime (TE brings its own
+    kernels for RoPE, softmax and bias-dropout; runtime.fusions, model.fusions resolved, adds
+    SwiGLU and, in bf16, cross-entropy)."""
+    te, fused = runtime.te, runtime.fusions
     fields = {"bias_dropout_fusion": te, "masked_softmax_fusion": te,
               "apply_rope_fusion": te or fused, "bias_activation_fusion": fused}
     if fused:
         install_rope()
-        if dtype == torch.bfloat16:
+        if runtime.precision == "bf16":
             fields.update(cross_entropy_loss_fusion=True, cross_entropy_fusion_impl="native")
     return fields

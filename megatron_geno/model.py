@@ -22,78 +22,20 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_geno import compat, fusions, platform
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
-from megatron_geno.experts import GroupedExperts, grouped_mm_available
+from megatron_geno.experts import GroupedExperts
 from megatron_geno.initialization import initialize_by_identity
 from megatron_geno.norm import RMSNorm
-from megatron_geno.presets import resolve_padded_vocab
+from megatron_geno.arithmetic import resolve_padded_vocab
+from megatron_geno.runtime import Runtime, for_config
 
 log = logging.getLogger(__name__)
-
-try:  # Transformer Engine: fused kernels, grouped GEMM, context parallelism (GPU only)
-    import transformer_engine  # noqa: F401
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
-    HAVE_TE = True
-except ImportError:
-    HAVE_TE = False
-
-
-def resolve_precision(precision: str) -> torch.dtype:
-    """Returns the training dtype: bf16 with CUDA, fp32 on CPU, unless set explicitly."""
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-
-
-def use_transformer_engine(model: ModelConfig) -> bool:
-    """True when the TE spec is used: TE importable, CUDA present, not forced to sdpa."""
-    if model.attention_backend == "sdpa":
-        return False
-    if model.attention_backend == "te" and not HAVE_TE:
-        raise ConfigError("model.attention_backend=te but transformer_engine does not import")
-    return HAVE_TE and torch.cuda.is_available()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
-def experts_module(model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype) -> str:
-    """Which experts module runs: 'te-grouped' (TE spec), 'grouped' (GroupedExperts, one
-    torch._grouped_mm per projection), or 'sequential' (megatron-core's SequentialMLP).
-
-    model.moe_grouped_gemm: auto = grouped wherever it runs; on = grouped or a ConfigError;
-    off = sequential.
-    """
-    if model.moe_grouped_gemm == "off":
-        return "sequential"
-    if use_transformer_engine(model):
-        return "te-grouped"
-    ffn_local = model.moe_ffn_hidden_size // parallel.expert_tp()
-    aligned = model.hidden_size % 8 == 0 and ffn_local % 8 == 0  # 16-byte rows in bf16
-    if grouped_mm_available(dtype, _device()) and aligned:
-        return "grouped"
-    if model.moe_grouped_gemm == "on":
-        raise ConfigError(
-            f"model.moe_grouped_gemm=on, but torch._grouped_mm cannot run here: {dtype} on "
-            f"{_device()} with torch {torch.__version__} (CUDA needs bf16 on sm90+), hidden "
-            f"{model.hidden_size} and expert FFN per expert-TP rank {ffn_local} (both multiples "
-            f"of 8); use auto or off")
-    return "sequential"
 
 
 def recompute_settings(model: ModelConfig, parallel: ParallelConfig) -> dict:
     """megatron-core's recompute fields for model.recompute / recompute_modules / _layers."""
     if model.recompute == "none":
         return {}
-    if model.recompute == "selective":
-        if "layernorm" in model.recompute_modules and not use_transformer_engine(model):
-            raise ConfigError("model.recompute_modules: layernorm recompute needs Transformer "
-                              "Engine (megatron-core's output-discarding checkpoint); use "
-                              "core_attn and moe, or model.recompute=full")
+    if model.recompute == "selective":  # layernorm needs TE: checked by runtime.resolve
         return {"recompute_granularity": "selective",
                 "recompute_modules": list(model.recompute_modules)}
     if model.recompute_layers is None:  # every layer, one at a time
@@ -117,20 +59,11 @@ def router_loss_ranks(parallel: ParallelConfig) -> int:
     return sp_tp * parallel.context_parallel
 
 
-def token_dispatcher(model: ModelConfig) -> str:
-    """model.moe_token_dispatcher resolved: auto is megatron-core's alltoall, on CPU as on GPU
-    (the CPU layer gives it host split sizes and gloo's uneven all-gather)."""
-    return "alltoall" if model.moe_token_dispatcher == "auto" else model.moe_token_dispatcher
-
-
 def transformer_config(
-    model: ModelConfig, parallel: ParallelConfig, dtype: torch.dtype
+    model: ModelConfig, parallel: ParallelConfig, runtime: Runtime
 ) -> TransformerConfig:
-    """Returns megatron-core's TransformerConfig for the Genos architecture."""
-    te = use_transformer_engine(model)  # the layout is checked before
-    dispatcher = token_dispatcher(model)
-    grouped = te and experts_module(model, parallel, dtype) == "te-grouped"
-    sequence_parallel = parallel.tensor_parallel > 1 and parallel.sequence_parallel
+    """Returns megatron-core's TransformerConfig for the Genos architecture on runtime's stack."""
+    dtype = runtime.dtype
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -159,8 +92,8 @@ def transformer_config(
         moe_z_loss_coeff=model.moe_z_loss_coeff * router_loss_ranks(parallel),
         moe_router_pre_softmax=model.moe_router_pre_softmax,
         moe_router_dtype="fp32",
-        moe_token_dispatcher_type=dispatcher,
-        moe_grouped_gemm=grouped,
+        moe_token_dispatcher_type=runtime.dispatcher,
+        moe_grouped_gemm=runtime.experts == "te-grouped",
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(),
@@ -173,12 +106,12 @@ def transformer_config(
         context_parallel_size=parallel.context_parallel,
         expert_model_parallel_size=parallel.expert_parallel,
         expert_tensor_parallel_size=parallel.expert_tp(),
-        sequence_parallel=sequence_parallel,
+        sequence_parallel=runtime.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        **fusions.transformer_fields(model, te, dtype),
+        use_cpu_initialization=not runtime.cuda,
+        **fusions.transformer_fields(runtime),
         gradient_accumulation_fusion=False,
         **recompute_settings(model, parallel),
         persist_layer_norm=False,
@@ -190,13 +123,16 @@ def transformer_config(
     )
 
 
-def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = None,
-               vp_stage: Optional[int] = None, grouped_experts: bool = False,
-               fused_norm: bool = False):
-    """Returns the block spec for this pipeline stage (and virtual stage): TE's fused spec, or
-    local + SDPA + RMSNorm (compiled with fused_norm; + GroupedExperts in place of
-    SequentialMLP)."""
-    if te:
+def layer_spec(config: TransformerConfig, runtime: Runtime, pp_rank: Optional[int] = None,
+               vp_stage: Optional[int] = None):
+    """Returns the block spec for this pipeline stage (and virtual stage) on runtime's stack:
+    TE's fused spec, or local + SDPA + RMSNorm (compiled with runtime.fusions; GroupedExperts
+    in place of SequentialMLP where runtime.experts is 'grouped')."""
+    if runtime.te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
         layer = get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm
         )
@@ -208,9 +144,9 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
         attention,
         submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention),
     )
-    norm = ModuleSpec(module=RMSNorm, params={"fused": fused_norm})
+    norm = ModuleSpec(module=RMSNorm, params={"fused": runtime.fusions})
     mlp = sub.mlp
-    if grouped_experts:
+    if runtime.experts == "grouped":
         moe = mlp.submodules
         mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(
             moe, experts=ModuleSpec(module=GroupedExperts)))
@@ -225,16 +161,16 @@ def layer_spec(config: TransformerConfig, te: bool, pp_rank: Optional[int] = Non
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int,
-                       initialize: bool = True) -> list[GPTModel]:
+def build_model_chunks(cfg: TrainConfig, vocab_size: int, initialize: bool = True,
+                       runtime: Optional[Runtime] = None) -> list[GPTModel]:
     """Returns this pipeline stage's GPTModel chunks: one, or parallel.virtual_pipeline of them
     (chunk v holds virtual stage v; model parallel groups must exist). They share one config.
     Their weights depend only on schedule.seed and each weight's global identity, whatever the
-    layout; initialize=False leaves them unset, for a caller that loads every weight next."""
+    layout; initialize=False leaves them unset, for a caller that loads every weight next.
+    runtime: the run's resolved stack (resolved here for a caller that has none)."""
+    runtime = runtime or for_config(cfg)
     compat.patch_missing_transformer_engine()
-    dtype = resolve_precision(cfg.precision)
-    config = transformer_config(cfg.model, cfg.parallel, dtype)
-    te = use_transformer_engine(cfg.model)
+    config = transformer_config(cfg.model, cfg.parallel, runtime)
     # train() resolves it once (checkpoint's or derived) before building; others derive it here
     padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
     virtual = cfg.parallel.virtual_pipeline_size()
@@ -242,10 +178,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int,
     for vp_stage in range(virtual) if virtual else [None]:
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(
-                config, te, vp_stage=vp_stage,
-                grouped_experts=experts_module(cfg.model, cfg.parallel, dtype) == "grouped",
-                fused_norm=fusions.fusions_enabled(cfg.model)),
+            transformer_layer_spec=layer_spec(config, runtime, vp_stage=vp_stage),
             vocab_size=padded,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False,
@@ -258,7 +191,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int,
             parallel_output=True,
             vp_stage=vp_stage,
         )
-        if torch.cuda.is_available():
+        if runtime.cuda:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     if initialize:
@@ -276,11 +209,13 @@ def build_gpt_model(cfg: TrainConfig, vocab_size: int) -> GPTModel:
     return model
 
 
-def wrap_ddp(model: GPTModel, cfg: TrainConfig) -> DistributedDataParallel:
+def wrap_ddp(model: GPTModel, cfg: TrainConfig, runtime: Optional[Runtime] = None
+             ) -> DistributedDataParallel:
     """Wraps a model chunk in megatron-core's DDP (contiguous fp32 grad buffers)."""
+    runtime = runtime or for_config(cfg)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and torch.cuda.is_available(),
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce and runtime.cuda,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         # megatron-core's check reads two norms per gradient bucket from the device before the
         # reduction (tens of waits per step on a GPU); the loop checks the clipped gradient norm
@@ -290,31 +225,3 @@ def wrap_ddp(model: GPTModel, cfg: TrainConfig) -> DistributedDataParallel:
         bucket_size=platform.ddp_bucket_size(),
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
-
-
-def _adam_kernel(cfg: TrainConfig) -> str:
-    from megatron.core import optimizer as mcore_optimizer
-
-    if not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
-        return "fused(te/apex)"
-    return "fused" if compat.fused_adam_wanted(cfg.optimizer.fused) else "torch-default"
-
-
-def describe(cfg: TrainConfig) -> str:
-    """One line saying which spec, which parallel sizes and which precision are in use."""
-    te = use_transformer_engine(cfg.model)
-    p = cfg.parallel
-    return (
-        f"spec={'transformer-engine' if te else 'local+sdpa'} "
-        f"TP={p.tensor_parallel} PP={p.pipeline_parallel}"
-        f"{f' VPP={p.virtual_pipeline}' if p.virtual_pipeline > 1 else ''} CP={p.context_parallel} "
-        f"EP={p.expert_parallel} DP={parallel_state.get_data_parallel_world_size()} "
-        f"SP={p.tensor_parallel > 1 and p.sequence_parallel} "
-        f"experts={experts_module(cfg.model, p, resolve_precision(cfg.precision))} "
-        f"fusions={'on' if fusions.fusions_enabled(cfg.model) else 'off'} "
-        f"adam={_adam_kernel(cfg)} "
-        f"dispatcher={token_dispatcher(cfg.model)} "
-        f"recompute={cfg.model.recompute}"
-        f"{'(' + ','.join(cfg.model.recompute_modules) + ')' if cfg.model.recompute == 'selective' else ''} "
-        f"dtype={resolve_precision(cfg.precision)}"
-    )

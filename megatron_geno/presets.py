@@ -1,107 +1,17 @@
-"""Named Genos model presets (data, not code) and their parameter counts."""
-
-from __future__ import annotations
-
-import dataclasses
-
-from megatron_geno.config import ConfigError, ModelConfig
+"""Named Genos model presets: data only (the ModelConfig field values of each), and the
+published parameter counts. megatron_geno.config builds a ModelConfig from them (get_preset);
+megatron_geno.arithmetic counts their parameters and FLOPs."""
 
 # Published sizes: total / active parameters (Genos model card).
 PUBLISHED_PARAMS = {"genos-1.2b": (1.2e9, 0.33e9), "genos-10b": (10e9, 2.87e9)}
 
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        preset="tiny",
-        num_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        num_experts=8,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=128,
-    ),
-    "genos-1.2b": ModelConfig(
-        preset="genos-1.2b",
-        num_layers=12,
-        hidden_size=1024,
-        num_attention_heads=16,
-        num_query_groups=8,
-        num_experts=8,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=4096,
-    ),
-    "genos-10b": ModelConfig(
-        preset="genos-10b",
-        num_layers=12,
-        hidden_size=4096,
-        num_attention_heads=16,
-        num_query_groups=8,
-        num_experts=8,
-        moe_router_topk=2,
-        moe_ffn_hidden_size=8192,
-    ),
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                 num_experts=8, moe_router_topk=2, moe_ffn_hidden_size=128),
+    "genos-1.2b": dict(num_layers=12, hidden_size=1024, num_attention_heads=16,
+                       num_query_groups=8, num_experts=8, moe_router_topk=2,
+                       moe_ffn_hidden_size=4096),
+    "genos-10b": dict(num_layers=12, hidden_size=4096, num_attention_heads=16,
+                      num_query_groups=8, num_experts=8, moe_router_topk=2,
+                      moe_ffn_hidden_size=8192),
 }
-
-
-def get_preset(name: str) -> ModelConfig:
-    """Returns a copy of the named preset; an unknown name is a ConfigError listing the known ones."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
-    return dataclasses.replace(PRESETS[name])
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Returns vocab_size rounded up to a multiple of divisible_by x tensor_parallel."""
-    multiple = divisible_by * tensor_parallel
-    return -(-vocab_size // multiple) * multiple
-
-
-def resolve_padded_vocab(model: ModelConfig, vocab_size: int, tensor_parallel: int) -> int:
-    """Returns the model's padded vocabulary: the configured one (checked), or the derived one."""
-    if model.padded_vocab_size is None:
-        return padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by, tensor_parallel)
-    if model.padded_vocab_size < vocab_size or model.padded_vocab_size % tensor_parallel:
-        raise ConfigError(
-            f"model.padded_vocab_size={model.padded_vocab_size} must be >= the tokenizer's "
-            f"{vocab_size} entries and divisible by parallel.tensor_parallel={tensor_parallel}"
-        )
-    return model.padded_vocab_size
-
-
-def count_parameters(model: ModelConfig, vocab_size: int) -> dict[str, int]:
-    """Returns total and active (per token) parameter counts, computed without building the model.
-
-    ``vocab_size`` is the padded vocabulary. Counts match megatron-core's GPTModel with the local or
-    TE spec: QKV, output projection, router, SwiGLU experts (fc1 is gate+up), two RMSNorms per layer,
-    final norm, untied input embedding and output layer, no biases.
-    """
-    h, d = model.hidden_size, model.head_dim()
-    q = model.num_attention_heads * d
-    kv = 2 * model.num_query_groups * d
-    attention = h * (q + kv) + q * h
-    expert = 3 * h * model.moe_ffn_hidden_size
-    router = model.num_experts * h
-    norms = 2 * h
-    per_layer_total = attention + model.num_experts * expert + router + norms
-    per_layer_active = attention + model.moe_router_topk * expert + router + norms
-    embeddings = 2 * vocab_size * h
-    final_norm = h
-    return {
-        "total": model.num_layers * per_layer_total + embeddings + final_norm,
-        "active": model.num_layers * per_layer_active + embeddings + final_norm,
-        "embeddings": embeddings,
-        "per_layer_attention": attention,
-        "per_expert": expert,
-    }
-
-
-def flops_per_token(model: ModelConfig, vocab_size: int, seq_length: int) -> int:
-    """Returns training FLOPs per token (forward + backward = 3x forward) for MFU.
-
-    Forward: 2 x active matmul parameters (embedding lookup excluded, output layer included)
-    plus causal attention scores and values, 2 x 2 x seq x (heads x head_dim) / 2 per layer.
-    """
-    counts = count_parameters(model, vocab_size)
-    matmul_params = counts["active"] - counts["embeddings"] // 2
-    attn = model.num_layers * 2 * seq_length * model.num_attention_heads * model.head_dim()
-    return 3 * (2 * matmul_params + attn)

@@ -28,7 +28,8 @@ from megatron_geno.checkpointing import (
     TrainState,
     checkpoint_bytes,
     space_warning,
-    checkpoint_vocab,
+    SavedRun,
+    read_saved_run,
     resume_target,
     load_checkpoint,
     save_checkpoint,
@@ -39,24 +40,19 @@ from megatron_geno.data import Prefetcher, build_datasets, microbatches
 from megatron_geno.evaluation.during_training import training_eval
 from megatron_geno.files import DirectoryLock, DirectoryLocked
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
-from megatron_geno.model import (build_model_chunks, describe, resolve_precision,
-                                 use_transformer_engine, wrap_ddp)
-from megatron_geno.presets import flops_per_token, resolve_padded_vocab
+from megatron_geno.model import build_model_chunks, wrap_ddp
+from megatron_geno.runtime import Machine, Runtime, resolve
+from megatron_geno.arithmetic import flops_per_token, resolve_padded_vocab
 from megatron_geno.tokenizer import build_tokenizer
 
 log = logging.getLogger("megatron_geno")
 
 
-def build_optimizer(cfg: TrainConfig, model):
-    """Returns (optimizer, scheduler): megatron-core AdamW and its warmup + decay schedule."""
-    from megatron.core import optimizer as mcore_optimizer
-
+def build_optimizer(cfg: TrainConfig, model, runtime: Runtime):
+    """Returns (optimizer, scheduler): megatron-core AdamW (runtime.adam's kernel) and its
+    warmup + decay schedule."""
     o, s, d = cfg.optimizer, cfg.schedule, cfg.data
-    if o.fused == "off" and not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
-        raise ConfigError("optimizer.fused=off: megatron-core runs Transformer Engine's (or apex's) "
-                          "FusedAdam whenever one is installed, and it has no unfused mode; set "
-                          "optimizer.fused=auto, or run where neither is installed")
-    bf16 = resolve_precision(cfg.precision) == torch.bfloat16
+    bf16 = runtime.precision == "bf16"
     optimizer = get_megatron_optimizer(
         McoreOptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
@@ -66,7 +62,7 @@ def build_optimizer(cfg: TrainConfig, model):
         ),
         model,
     )
-    compat.set_adam_kernel(optimizer, compat.fused_adam_wanted(o.fused))
+    compat.set_adam_kernel(optimizer, runtime.adam == "fused")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=warmup_steps(s) * d.global_batch_size,
@@ -94,19 +90,16 @@ def forward_step(data_iterator, model):
     # attention mask), cut on the host before the copy; the whole batch at CP = 1
     batch = get_batch_on_this_cp_rank(next(data_iterator))
     # pinned by the loader on a GPU: the copies overlap the work already queued
-    batch = {k: v.to(_device(), non_blocking=True) for k, v in batch.items()}
+    device = next(model.parameters()).device  # where this chunk computes
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
                    labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def loss_totals(outputs: list[dict]) -> torch.Tensor:
+def loss_totals(outputs: list[dict], device: torch.device) -> torch.Tensor:
     """[loss sum, token count] of this rank's micro-batches, on the device (no host read)."""
-    totals = torch.zeros(2, device=_device())
+    totals = torch.zeros(2, device=device)
     if parallel_state.is_pipeline_last_stage():
         for out in outputs:
             totals += out["lm loss"].to(totals.device)
@@ -170,26 +163,29 @@ class StopSignal:
         return bool(flag.item())  # a CPU tensor: no device synchronisation
 
 
-def with_padded_vocab(cfg: TrainConfig, vocab_size: int) -> TrainConfig:
+def with_padded_vocab(cfg: TrainConfig, vocab_size: int,
+                      saved_run: Optional[SavedRun] = None) -> TrainConfig:
     """cfg with model.padded_vocab_size resolved once, before the model is built: the config's,
-    else the checkpoint's, else the tokenizer's rounded up to 128 x TP."""
+    else the checkpoint's (saved_run: a checkpoint keeps its vocabulary at any TP), else the
+    tokenizer's rounded up to 128 x TP."""
     model = cfg.model
-    if model.padded_vocab_size is None:
-        model = dataclasses.replace(model, padded_vocab_size=checkpoint_vocab(cfg))
+    if model.padded_vocab_size is None and saved_run is not None:
+        model = dataclasses.replace(model, padded_vocab_size=saved_run.padded_vocab_size)
     padded = resolve_padded_vocab(model, vocab_size, cfg.parallel.tensor_parallel)
     return dataclasses.replace(cfg, model=dataclasses.replace(model, padded_vocab_size=padded))
 
 
-def check_context_parallel_kernel(cfg: TrainConfig) -> None:
+def check_context_parallel_kernel(cfg: TrainConfig, runtime: Runtime,
+                                  device: Optional[torch.device] = None) -> None:
     """On a GPU, context parallelism on the local attention runs only where torch's flash
     kernel takes its query chunks (dtype, head dim, GQA); a ConfigError naming why otherwise."""
     m, p = cfg.model, cfg.parallel
-    if p.context_parallel == 1 or not torch.cuda.is_available() or use_transformer_engine(m):
+    if p.context_parallel == 1 or not runtime.cuda or runtime.te:
         return
-    dtype = resolve_precision(cfg.precision)
+    dtype = runtime.dtype
     heads, groups = (m.num_attention_heads // p.tensor_parallel,
                      m.num_query_groups // p.tensor_parallel)
-    why = flash_refusal(heads, groups, m.head_dim(), dtype, _device())
+    why = flash_refusal(heads, groups, m.head_dim(), dtype, device or runtime.torch_device())
     if why:
         raise ConfigError(f"parallel.context_parallel={p.context_parallel} on the local attention "
                           f"needs torch's flash attention for {heads} heads over {groups} "
@@ -212,19 +208,24 @@ class TrainingRun:
     followed by its log line, evaluation and checkpoint when due."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        cfg = resume_target(cfg)
+        cfg, to_load = resume_target(cfg)
+        # the stack, decided once, before any process group or module exists
+        runtime = resolve(cfg, Machine.here(), int(os.environ.get("WORLD_SIZE", "1")))
         distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
-        check_context_parallel_kernel(cfg)
+        check_context_parallel_kernel(cfg, runtime)
         self.rank0 = distributed.rank() == 0
         self.lock = self._lock_checkpoint_dir(cfg)
         try:
-            self._set_up(cfg)
+            self._set_up(cfg, runtime, to_load)
         except BaseException:  # a refused or failed set-up leaves no lock file behind
             if self.lock is not None:
                 self.lock.release()
             raise
 
-    def _set_up(self, cfg: TrainConfig) -> None:
+    def _set_up(self, cfg: TrainConfig, runtime: Runtime, to_load: Optional[Path]) -> None:
+        # the checkpoint to load, checked and read once (its checks share work across ranks)
+        self.saved_run = (read_saved_run(to_load, cfg.checkpoint.verify_checksums)
+                          if to_load is not None else None)
         self.run_dir = Path(cfg.logging.run_dir)
         tokenizer = build_tokenizer(cfg.data.tokenizer)
         if self.lock is not None:  # rank 0, saving: is there room for a checkpoint?
@@ -232,24 +233,27 @@ class TrainingRun:
                                     checkpoint_bytes(cfg, tokenizer.vocab_size))
             if warning:
                 log.warning("%s", warning)
-        self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size)
-        self.model = [wrap_ddp(chunk, cfg)
-                      for chunk in build_model_chunks(cfg, tokenizer.vocab_size)]
+        self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size, self.saved_run)
+        self.runtime = runtime = dataclasses.replace(
+            runtime, padded_vocab_size=cfg.model.padded_vocab_size)
+        self.device = runtime.torch_device()
+        # the data first: its refusals (missing or damaged files, an empty or short corpus, a
+        # soft-mask mismatch) come before the model is built
+        self.train_ds, self.valid_ds, _ = build_datasets(cfg, tokenizer, self.run_dir)
+        self.model = [wrap_ddp(chunk, cfg, runtime)
+                      for chunk in build_model_chunks(cfg, tokenizer.vocab_size, runtime=runtime)]
         if self.rank0:  # fully resolved now (padded vocabulary included)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             resolved = cfg.to_yaml()
             (self.run_dir / "config.yaml").write_text(resolved)
             self.say(f"# resolved config\n{resolved}", quiet_log=False)
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, runtime)
         self._connect_schedule_hooks()
-        self.state = (load_checkpoint(cfg, self.model, self.optimizer, self.scheduler)
-                      if cfg.checkpoint.load else TrainState())
-        self.say(f"# {describe(cfg)}")  # which spec, experts module, layout and precision ran
+        self.state = (load_checkpoint(cfg, self.model, self.optimizer, self.scheduler,
+                                      self.saved_run, fused_adam=runtime.adam == "fused")
+                      if self.saved_run is not None else TrainState())
+        self.say(f"# {runtime.line()}")  # which spec, experts module, layout and precision ran
         d = cfg.data
-        if d.reset_attention_mask and use_transformer_engine(cfg.model):
-            raise ConfigError("data.reset_attention_mask needs model.attention_backend=sdpa (the "
-                              "TE spec's fused attention takes no per-document mask)")
-        self.train_ds, self.valid_ds, _ = build_datasets(cfg, tokenizer, self.run_dir)
         self.evaluator = training_eval(cfg, self.model)  # eval.corpora / eval.variants, read now
         dp = parallel_state.get_data_parallel_world_size()
         self.num_micro = d.global_batch_size // (d.micro_batch_size * dp)  # layout checked
@@ -271,7 +275,7 @@ class TrainingRun:
         self.records: list[dict] = []
         self.saved: list[Path] = []
         # (steps, seconds, device loss totals) since the last record
-        self.pending = (0, 0.0, torch.zeros(2, device=_device()))
+        self.pending = (0, 0.0, torch.zeros(2, device=self.device))
 
     def _lock_checkpoint_dir(self, cfg: TrainConfig):
         """Rank 0 takes checkpoint.save's writer lock before anything is read or written; every
@@ -314,7 +318,7 @@ class TrainingRun:
         d = self.cfg.data
         # read ahead: the next global batch is ready (pinned on a GPU) while this one runs
         its = [Prefetcher(microbatches(dataset, consumed, d.micro_batch_size, d.global_batch_size),
-                          depth=min(self.num_micro + 1, 8), pin=torch.cuda.is_available())
+                          depth=min(self.num_micro + 1, 8), pin=self.runtime.cuda)
                for _ in self.model]
         return its[0] if len(its) == 1 else its
 
@@ -366,7 +370,8 @@ class TrainingRun:
         total = 0.0
         with torch.no_grad():
             for _ in range(iters):
-                total += reduce_loss(loss_totals(self._schedule(it, forward_only=True)))
+                total += reduce_loss(loss_totals(self._schedule(it, forward_only=True),
+                                                 self.device))
         for reader in it if isinstance(it, list) else [it]:
             reader.close()
         for chunk in self.model:
@@ -379,7 +384,7 @@ class TrainingRun:
         and lr of the last), with the validation loss and eval.* when evaluating."""
         d = self.cfg.data
         steps, seconds, totals = self.pending
-        self.pending = (0, 0.0, torch.zeros(2, device=_device()))
+        self.pending = (0, 0.0, torch.zeros(2, device=self.device))
         tokens_per_s = steps * d.global_batch_size * d.seq_length / seconds
         per_gpu = tokens_per_s * self.flops_token / self.world
         loss = reduce_loss(totals)
@@ -396,7 +401,7 @@ class TrainingRun:
             "expert_load": self.expert_load.fractions(),
             # GPU only: the allocator's peak since start, to check the memory plan against
             "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30
-                                if torch.cuda.is_available() else None),
+                                if self.runtime.cuda else None),
         }
         if evaluate:
             record["val_loss"] = self.validation_loss()
@@ -412,7 +417,7 @@ class TrainingRun:
             raise TrainingDiverged(self.diverged(self.state.iteration, f"the loss is {loss}"))
         self.finish_saves(blocking=True)  # one save in flight at a time
         path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
-                               self.state, self.async_saves)
+                               self.state, self.async_saves, self.runtime)
         if self.async_saves is None:
             self.saved.append(path)
             self.say(f"# saved checkpoint {path}", quiet_log=False)
@@ -452,7 +457,7 @@ class TrainingRun:
                 raise TrainingDiverged(self.diverged(self.state.iteration,
                                                      f"the gradient norm is {grad_norm}"))
             steps, seconds, totals = self.pending
-            self.pending = (steps + 1, seconds + elapsed, totals + loss_totals(outputs))
+            self.pending = (steps + 1, seconds + elapsed, totals + loss_totals(outputs, self.device))
             it = self.state.iteration
             stopping = self.stop.any_rank() or bool(s.stop_after and it >= s.stop_after)
             # the last step of a run is always recorded, however it ends

@@ -55,6 +55,7 @@ class MegatronModel:
         self.tp = cfg.parallel.tensor_parallel
         self.cp = cfg.parallel.context_parallel
         self.ps = parallel_state
+        self.device = next(chunks[0].parameters()).device  # where the chunks compute
 
     @classmethod
     def load(cls, checkpoint: str | Path, iteration: Optional[int] = None,
@@ -66,6 +67,7 @@ class MegatronModel:
                                                  saved_tokenizer)
         from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
         from megatron_geno.model import build_model_chunks
+        from megatron_geno.runtime import for_config
         from megatron_geno.tokenizer import VOCAB_SIZE, soft_mask_of_spec
 
         parallel = ParallelConfig(tensor_parallel=tensor_parallel,
@@ -87,7 +89,8 @@ class MegatronModel:
         model_cfg.fusions = "off"
         cfg = TrainConfig(model=model_cfg, parallel=parallel, precision="fp32")
         try:
-            chunks = build_model_chunks(cfg, VOCAB_SIZE, initialize=False)
+            chunks = build_model_chunks(cfg, VOCAB_SIZE, initialize=False,
+                                        runtime=for_config(cfg))
             load_model_weights(chunks, ckpt, common)
         except (CheckpointError, ConfigError) as err:
             raise EvalError(str(err)) from None
@@ -126,14 +129,12 @@ class MegatronModel:
         losses with labels) broadcast to the whole pipeline group, or None when capture is set."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatron_geno.train import _device
-
         from megatron.core.utils import get_batch_on_this_cp_rank
 
         batch = get_batch_on_this_cp_rank({
             "tokens": inputs, "position_ids": torch.arange(inputs.shape[1])[None].expand_as(inputs),
             "labels": labels})
-        batch = {k: None if v is None else v.to(_device()) for k, v in batch.items()}
+        batch = {k: None if v is None else v.to(self.device) for k, v in batch.items()}
 
         def forward_step(data_iterator, model):
             data = next(data_iterator)
@@ -149,7 +150,7 @@ class MegatronModel:
                 forward_only=True)
         if capture is not None:
             return None
-        result = torch.empty(inputs.shape, dtype=torch.float32, device=_device())
+        result = torch.empty(inputs.shape, dtype=torch.float32, device=self.device)
         if self.ps.is_pipeline_last_stage():
             result.copy_(self._whole_sequence(out[0].float(), dim=1))
         if self.ps.get_pipeline_model_parallel_world_size() > 1:

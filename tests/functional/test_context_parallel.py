@@ -108,8 +108,8 @@ def _step_gradients(rank: int, world: int, out: str, per_token: bool) -> None:
     if not per_token:  # megatron-core's default: a mean per micro-batch and rank
         build = model_module.transformer_config
 
-        def mean_per_rank(model, parallel, dtype):
-            config = build(model, parallel, dtype)
+        def mean_per_rank(model, parallel, runtime):
+            config = build(model, parallel, runtime)
             config.calculate_per_token_loss = False
             config.moe_aux_loss_coeff = model.moe_aux_loss_coeff
             config.moe_z_loss_coeff = model.moe_z_loss_coeff

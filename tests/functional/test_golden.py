@@ -12,6 +12,13 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "tiny_cpu_fp32.json"
 
 def test_tiny_first_five_losses_match_the_golden_values(tmp_path):
     golden = json.loads(GOLDEN.read_text())
-    records, log = geno_train_logged(tmp_path / "run", *golden["overrides"])
+    records, log = geno_train_logged(tmp_path / "run", *golden["overrides"],
+                                     f"checkpoint.save={tmp_path / 'ck'}")
     assert golden["start_up_line"] in log
     assert_close(losses(records), golden["losses"], rtol=golden["rtol"])
+    # the checkpoint records the stack that ran: the start-up line's Runtime, padded vocab too
+    from megatron_geno.checkpoint_trust import read_common
+    from megatron_geno.runtime import Runtime
+
+    saved = read_common(next((tmp_path / "ck").glob("iter_*")))["runtime"]
+    assert "# " + Runtime(**saved).line() in log and saved["padded_vocab_size"] == 128

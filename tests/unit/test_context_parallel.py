@@ -171,16 +171,18 @@ def test_a_gpu_run_refuses_chunks_flash_attention_will_not_take(monkeypatch):
     the query chunks (else torch would materialise an S x S mask) and refuses in one line."""
     from megatron_geno import train
     from megatron_geno.config import ConfigError, load_config
+    from megatron_geno.runtime import Machine, resolve
 
     assert attention.flash_refusal(4, 2, 16, torch.float32, torch.device("cpu"))  # a reason
     asked = []
     monkeypatch.setattr(train, "flash_refusal", lambda *a: asked.append(a) or "head dim 512")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train, "_device", lambda: torch.device("cpu"))
-    train.check_context_parallel_kernel(load_config(None, ["model.preset=genos-10b"]))
+    gpu = Machine.gpu_node(transformer_engine=False)
+    cpu = torch.device("cpu")  # stands in for the GPU: flash_refusal is the stand-in above
+    whole = load_config(None, ["model.preset=genos-10b"])
+    train.check_context_parallel_kernel(whole, resolve(whole, gpu), cpu)
     assert asked == []  # CP = 1: nothing to check
     cfg = load_config(None, ["model.preset=genos-10b", "parallel.context_parallel=2",
                              "parallel.tensor_parallel=2", "model.attention_backend=sdpa"])
     with pytest.raises(ConfigError, match="needs torch's flash attention for 8 heads over 4 "
                                           "key/value groups of dim 256 .*head dim 512"):
-        train.check_context_parallel_kernel(cfg)
+        train.check_context_parallel_kernel(cfg, resolve(cfg, gpu), cpu)

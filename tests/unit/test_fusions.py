@@ -97,28 +97,39 @@ def test_fused_cross_entropy_equals_reference_in_bf16():
             **TOL)
 
 
+def _runtime(fusions_setting: str, precision: str = "bf16", machine=None):
+    from megatron_geno.config import load_config
+    from megatron_geno.runtime import Machine, resolve
+
+    cfg = load_config(None, ["model.preset=tiny", f"model.fusions={fusions_setting}",
+                             f"precision={precision}"])
+    return resolve(cfg, machine or Machine(cuda=False, cxx=True))
+
+
 def test_fusions_setting_resolves_and_fills_megatron_rope_hook(monkeypatch):
     from megatron.core.models.common.embeddings import rope_utils
 
+    from megatron_geno.runtime import Machine
+
     monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", None)
-    off = fusions.transformer_fields(ModelConfig(fusions="off"), False, torch.bfloat16)
+    off = fusions.transformer_fields(_runtime("off"))
     assert not off["apply_rope_fusion"] and not off["bias_activation_fusion"]
     assert rope_utils.fused_apply_rotary_pos_emb is None
-    on = fusions.transformer_fields(ModelConfig(fusions="on"), False, torch.bfloat16)
+    on = fusions.transformer_fields(_runtime("on"))
     assert on["apply_rope_fusion"] and on["bias_activation_fusion"]
     assert on["cross_entropy_loss_fusion"] and on["cross_entropy_fusion_impl"] == "native"
     assert rope_utils.fused_apply_rotary_pos_emb is fusions.fused_rope
-    fp32 = fusions.transformer_fields(ModelConfig(fusions="on"), False, torch.float32)
+    fp32 = fusions.transformer_fields(_runtime("on", "fp32"))
     assert "cross_entropy_loss_fusion" not in fp32  # its gradient would be bf16
-    assert fusions.fusions_enabled(ModelConfig(fusions="auto")) == torch.cuda.is_available()
+    assert not _runtime("auto").fusions  # auto: on with CUDA only
+    assert _runtime("auto", machine=Machine(cuda=True, compute_capability=9)).fusions
 
 
-def test_fusions_on_without_compiler_is_a_config_error(monkeypatch):
-    if torch.cuda.is_available():
-        pytest.skip("with CUDA, Triton compiles")
-    monkeypatch.setattr(fusions.shutil, "which", lambda name: None)
+def test_fusions_on_without_compiler_is_a_config_error():
+    from megatron_geno.runtime import Machine
+
     with pytest.raises(ConfigError, match="model.fusions=on .* C\\+\\+ compiler"):
-        fusions.fusions_enabled(ModelConfig(fusions="on"))
+        _runtime("on", machine=Machine(cuda=False, cxx=False))
 
 
 def test_compiled_regions_compile_once_for_every_sequence_length_and_say_when_again(caplog):

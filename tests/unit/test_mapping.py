@@ -40,7 +40,7 @@ def test_router_renormalisation_matches_mixtral():
 
     from checkpoint_tools.mcore_checkpoint import ConversionError
     from checkpoint_tools.to_hf import check_representable
-    from megatron_geno.presets import get_preset
+    from megatron_geno.config import get_preset
 
     logits = torch.randn(50, 8)
     probs, routing_map = topk_routing_with_score_function(logits, 2, use_pre_softmax=False)

@@ -1,6 +1,8 @@
 import pytest
 
-from megatron_geno.presets import PUBLISHED_PARAMS, count_parameters, get_preset, padded_vocab_size
+from megatron_geno.arithmetic import count_parameters, padded_vocab_size
+from megatron_geno.config import get_preset
+from megatron_geno.presets import PUBLISHED_PARAMS
 from megatron_geno.tokenizer import VOCAB_SIZE
 
 
