@@ -16,7 +16,7 @@ from checkpoint_tools.mapping import (CURRENT_HF_NAMES, RULES, SAFETENSORS_DTYPE
 from checkpoint_tools.mcore_checkpoint import ConversionError
 from checkpoint_tools.output_dir import claimed_out, write_into_new_dir
 from checkpoint_tools.torch_dist_writer import Chunk, write_torch_dist
-from megatron_geno.checkpoint_trust import seal
+from megatron_geno.checkpoint.integrity import seal
 from megatron_geno.config import ModelConfig, TrainConfig
 from megatron_geno.config import get_preset
 from megatron_geno.presets import PRESETS

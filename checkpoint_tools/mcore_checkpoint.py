@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from megatron_geno import checkpoint_trust as trust
+from megatron_geno.checkpoint import trust
 from megatron_geno.checkpointing import (TE_KEY_ALIASES, CheckpointError, open_for_loading,
                                          resolve_checkpoint_dir)
 from megatron_geno.config import ModelConfig

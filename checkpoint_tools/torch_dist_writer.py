@@ -154,7 +154,7 @@ class _LayerLoadPlanner(LoadPlanner):
 def read_layer(directory: Path, key: str, layer: int, global_shape: tuple[int, ...],
                dtype: torch.dtype) -> torch.Tensor:
     """key[layer] of a torch_dist checkpoint, reading only the stored chunks that overlap it."""
-    from megatron_geno.checkpoint_trust import TrustedReader  # .metadata: restricted unpickler
+    from megatron_geno.checkpoint.trust import TrustedReader  # .metadata: restricted unpickler
 
     out = torch.empty(global_shape[1:], dtype=dtype)
     try:

@@ -7,7 +7,6 @@ hashes data_pipeline.run_config's; the shard format data_pipeline.shard_format's
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -22,7 +21,7 @@ from data_pipeline.normalise import ContigNormaliser, ContigStats, InvalidCharac
 from data_pipeline.run_config import PipelineConfig, assembly_hash
 from data_pipeline.shard_format import SPLITS, read_attrs
 from data_pipeline.shard_writer import AssemblyWriter
-from megatron_geno.files import free_bytes, fsync_path, fsync_tree, out_of_space
+from megatron_geno.files import free_bytes, out_of_space, publish_dir
 from megatron_geno.units import format_bytes
 from megatron_geno.vocab import TOKENIZER_VERSION, VOCAB
 log = logging.getLogger(__name__)
@@ -130,16 +129,11 @@ def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, forc
         for part in parts:
             for s in SPLITS:
                 per_split[s] += part["split_tokens"][s]
-        fsync_tree(tmp)  # every byte on disk before the rename publishes the group
-        if final.exists():  # --force: swap in the new group, then drop the old one
-            old = shards / f".{assembly.assembly}.old"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            fsync_path(shards)
+        # every byte on disk before the rename publishes the group; --force swaps in the new
+        # group, then drops the old one
+        old = publish_dir(tmp, final, replace=True, aside=shards / f".{assembly.assembly}.old")
+        if old is not None:
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
-            fsync_path(shards)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

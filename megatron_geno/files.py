@@ -129,21 +129,37 @@ def fresh_temp_dir(beside: str | Path) -> Path:
     return shareable(tempfile.mkdtemp(prefix=f".{beside.name}.", suffix=".tmp", dir=beside.parent))
 
 
-def publish_dir(tmp: str | Path, final: str | Path) -> None:
-    """Makes the complete directory tmp visible as final (fsynced, one rename).
+def publish_dir(tmp: str | Path, final: str | Path, replace: bool = False,
+                aside: Optional[str | Path] = None) -> Optional[Path]:
+    """Makes the complete directory tmp visible as final (fsynced, one rename): the one way a
+    checkpoint, a corpus's assembly group and a conversion's output are published.
 
-    final must not exist or be an empty directory; anything else raises FileExistsError (a
-    non-empty final is never replaced, even if it appeared while tmp was written).
+    Without replace, final must not exist or be an empty directory; anything else raises
+    FileExistsError (a non-empty final is never replaced, even if it appeared while tmp was
+    written). With replace, an existing final is first moved aside (to ``aside``, by default
+    FINAL.replaced; a leftover there from a publish killed after its rename is removed first) and
+    that path is returned: the caller removes it once nothing needs the old copy (a checkpoint
+    after ``latest`` names the new one), so a kill at any moment leaves a complete copy.
     """
     tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
-    try:
-        os.rename(tmp, final)  # replaces an empty directory, refuses a non-empty one
-    except OSError as err:
+    old = None
+    if replace:
+        old = Path(aside) if aside is not None else final.with_name(final.name + ".replaced")
         if final.exists():
-            raise FileExistsError(f"{final} exists and is not empty") from err
-        raise
+            if old.exists():  # an earlier publish was killed after moving aside: final is newer
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+    else:
+        try:
+            os.rename(tmp, final)  # replaces an empty directory, refuses a non-empty one
+        except OSError as err:
+            if final.exists():
+                raise FileExistsError(f"{final} exists and is not empty") from err
+            raise
     fsync_path(final.parent)
+    return old if old is not None and old.exists() else None
 
 
 class DirectoryLocked(RuntimeError):

@@ -34,7 +34,7 @@ def ck(saved, tmp_path):
 
 def reseal(it):
     """What an attacker can do too: recompute checksums.json over the crafted files."""
-    from megatron_geno.checkpoint_trust import seal
+    from megatron_geno.checkpoint.integrity import seal
 
     seal(it)
 
@@ -83,7 +83,7 @@ def test_crafted_object_inside_data_file_never_runs(ck, tmp_path):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_geno.checkpoint_trust import read_dcp_metadata
+    from megatron_geno.checkpoint.trust import read_dcp_metadata
     from tests.faults.helpers import Evil
 
     it = ck / "iter_0000004"
@@ -110,7 +110,7 @@ def test_crafted_object_inside_data_file_never_runs(ck, tmp_path):
 def test_storage_path_outside_the_checkpoint_is_refused(ck, tmp_path):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-    from megatron_geno.checkpoint_trust import read_dcp_metadata
+    from megatron_geno.checkpoint.trust import read_dcp_metadata
 
     it = ck / "iter_0000004"
     metadata = read_dcp_metadata(it)
@@ -191,12 +191,15 @@ def test_garbage_latest_without_a_complete_checkpoint_is_one_line(ck, tmp_path):
 
 def test_killed_resave_leaves_a_complete_checkpoint(ck, tmp_path, monkeypatch):
     """A re-save of iteration 4 killed after moving the old copy aside: the old copy is found."""
+    import os
+
     from megatron_geno import checkpointing
+    from megatron_geno.checkpoint import layout
 
     save, final = ck, ck / "iter_0000004"
     tmp = ck / "iter_0000004.tmp"
     shutil.copytree(final, tmp)  # the new copy, complete
-    real_replace = checkpointing.os.replace
+    real_replace = os.replace
     calls = []
 
     def killed_on_second(src, dst):
@@ -205,9 +208,9 @@ def test_killed_resave_leaves_a_complete_checkpoint(ck, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")  # the window between the two renames
         real_replace(src, dst)
 
-    monkeypatch.setattr(checkpointing.os, "replace", killed_on_second)
+    monkeypatch.setattr(os, "replace", killed_on_second)
     with pytest.raises(KeyboardInterrupt):
-        checkpointing._publish(save, tmp, final, 4)
+        layout._publish(save, tmp, final, 4)
     monkeypatch.undo()
     assert not final.exists() and (ck / "iter_0000004.replaced").exists()
     assert checkpointing.resume_point(save) == ck / "iter_0000004.replaced"
@@ -219,7 +222,7 @@ def test_killed_resave_leaves_a_complete_checkpoint(ck, tmp_path, monkeypatch):
 
 def test_resave_of_an_iteration_replaces_it_completely(ck, tmp_path):
     """A run resumed at its last iteration saves iteration 4 again: one complete copy remains."""
-    from megatron_geno.checkpoint_trust import structural_fault, verify_checksums
+    from megatron_geno.checkpoint.integrity import structural_fault, verify_checksums
 
     proc = train(tmp_path / "run", "schedule.train_iters=4", f"checkpoint.save={ck}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -318,5 +321,6 @@ def test_conversion_refuses_a_damaged_latest_unless_told_the_iteration(ck, tmp_p
 
 def test_a_run_directory_that_cannot_be_made_is_one_line(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    line = error_line(train(tmp_path / "file" / "run", "schedule.train_iters=2"))
+    line = error_line(train(tmp_path / "file" / "run", "schedule.train_iters=2",
+                            f"data.cache_dir={tmp_path / 'cache'}"))
     assert f"cannot write {tmp_path / 'file' / 'run'}" in line and "Not a directory" in line, line

@@ -133,7 +133,7 @@ def test_published_files_are_fsynced_before_the_rename(fastas, tmp_path, monkeyp
         real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "fsync", fsync)
-    monkeypatch.setattr(pipeline.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     config = PipelineConfig()
     [assembly] = assemblies_from_paths([str(fastas[0])], "test")
     out = tmp_path / "corpus"

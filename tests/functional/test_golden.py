@@ -17,7 +17,7 @@ def test_tiny_first_five_losses_match_the_golden_values(tmp_path):
     assert golden["start_up_line"] in log
     assert_close(losses(records), golden["losses"], rtol=golden["rtol"])
     # the checkpoint records the stack that ran: the start-up line's Runtime, padded vocab too
-    from megatron_geno.checkpoint_trust import read_common
+    from megatron_geno.checkpoint.trust import read_common
     from megatron_geno.runtime import Runtime
 
     saved = read_common(next((tmp_path / "ck").glob("iter_*")))["runtime"]
