@@ -141,7 +141,7 @@ def _asker(stack) -> str:
 # askers whose tensor a GPU run keeps on the host: reading it waits for nothing there
 HOST_RESIDENT = {
     "megatron_geno train.py:close": "the stop signal's gloo flag (a CPU tensor)",
-    "torch optimizer.py:_get_value": "Adam's step count (kept on the CPU, compat._place_steps)",
+    "torch optimizer.py:_get_value": "Adam's step count (kept on the CPU, without_te._place_steps)",
     "megatron-core moe_utils.py:sort_chunks_by_idxs":
         "split sizes after the dispatcher's one copy to the host per layer",
 }

@@ -22,10 +22,10 @@ class ConversionError(RuntimeError):
 def init_single_process() -> None:
     """A one-process gloo group (megatron-core's checkpoint I/O needs torch.distributed), with the
     CPU layer active when CUDA is absent (its writer synchronizes CUDA)."""
-    from megatron_geno import platform
+    from megatron_geno import cpu_layer
     from megatron_geno.distributed import free_port
 
-    platform.activate()
+    cpu_layer.activate()
     if torch.distributed.is_initialized():
         return
 

@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_geno import platform
+from megatron_geno import cpu_layer
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -102,7 +102,7 @@ class _Regather:
 
     def get(self) -> torch.Tensor:
         if self.full is None:
-            with torch.no_grad(), platform.in_backward():
+            with torch.no_grad(), cpu_layer.in_backward():
                 self.full = gather_global(self.local, self.group)
         return self.full
 

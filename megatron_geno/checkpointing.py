@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from megatron.core import dist_checkpointing
 
-from megatron_geno import compat
+from megatron_geno import without_te
 from megatron_geno.checkpoint import trust
 from megatron_geno.checkpoint.integrity import seal, structural_fault
 from megatron_geno.checkpoint.layout import (SavedRun, _seal_and_publish, checkpoint_bytes,
@@ -71,7 +71,7 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this iteration that was killed
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
-    compat.allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
+    without_te.allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
     model_sd = _model_sharded_state_dict(model)
     sharded = {
         "model": model_sd,
@@ -125,7 +125,7 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
     model_sd = model_weights_request(_unwrap(model), common, ckpt)
     sharded = {"model": model_sd}
     if not weights_only:
-        compat.allocate_optimizer_state(optimizer)
+        without_te.allocate_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
         )
@@ -143,8 +143,8 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
     own = _hyperparameters(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
     _restore_hyperparameters(optimizer, own)
-    compat.unshare_adam_steps(optimizer)
-    compat.set_adam_kernel(optimizer, fused_adam)
+    without_te.unshare_adam_steps(optimizer)
+    without_te.set_adam_kernel(optimizer, fused_adam)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
         _restore_rng_state(loaded["rng_state"])

@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_geno import platform
+from megatron_geno import cpu_layer
 from megatron_geno.config import TrainConfig
 
 
@@ -25,14 +25,14 @@ def initialize(cfg: TrainConfig, seed: int) -> None:
     layout against the world size (megatron_geno.layout), then builds megatron-core's groups."""
     from megatron_geno.layout import validate_layout
 
-    platform.activate()
+    cpu_layer.activate()
     if not torch.distributed.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # torchrun / srun set the rendezvous in the environment; alone, we are one local process
         launched = "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ
         torch.distributed.init_process_group(
-            backend=platform.backend(),
+            backend=cpu_layer.backend(),
             timeout=timedelta(minutes=10),
             **({} if launched else {"init_method": f"tcp://127.0.0.1:{free_port()}",
                                     "rank": 0, "world_size": 1}),

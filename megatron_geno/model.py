@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_geno import compat, fusions, platform
+from megatron_geno import without_te, fusions, cpu_layer
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_geno.experts import GroupedExperts
@@ -169,7 +169,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int, initialize: bool = Tru
     layout; initialize=False leaves them unset, for a caller that loads every weight next.
     runtime: the run's resolved stack (resolved here for a caller that has none)."""
     runtime = runtime or for_config(cfg)
-    compat.patch_missing_transformer_engine()
+    without_te.patch_missing_transformer_engine()
     config = transformer_config(cfg.model, cfg.parallel, runtime)
     # train() resolves it once (checkpoint's or derived) before building; others derive it here
     padded = resolve_padded_vocab(cfg.model, vocab_size, cfg.parallel.tensor_parallel)
@@ -222,6 +222,6 @@ def wrap_ddp(model: GPTModel, cfg: TrainConfig, runtime: Optional[Runtime] = Non
         # megatron-core reads anyway, the logged loss, and the pending loss before every save
         # (train.py: TrainingDiverged)
         check_for_nan_in_grad=False,
-        bucket_size=platform.ddp_bucket_size(),
+        bucket_size=cpu_layer.ddp_bucket_size(),
     )
     return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)

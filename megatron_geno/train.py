@@ -22,7 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_geno import compat, distributed
+from megatron_geno import without_te, distributed
 from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
     TrainState,
@@ -62,7 +62,7 @@ def build_optimizer(cfg: TrainConfig, model, runtime: Runtime):
         ),
         model,
     )
-    compat.set_adam_kernel(optimizer, runtime.adam == "fused")
+    without_te.set_adam_kernel(optimizer, runtime.adam == "fused")
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr,
         lr_warmup_steps=warmup_steps(s) * d.global_batch_size,

@@ -16,9 +16,9 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from megatron_geno import platform
+    from megatron_geno import cpu_layer
 
-    platform.activate()
+    cpu_layer.activate()
     try:
         fn(rank, world, *args)
     finally:

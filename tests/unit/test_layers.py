@@ -82,16 +82,16 @@ def test_cpu_layer_checks_every_patched_target(monkeypatch):
     error naming it (not a patch that silently does nothing)."""
     import megatron.core.tensor_parallel.random as mcore_random
 
-    from megatron_geno import platform
+    from megatron_geno import cpu_layer
 
-    platform.check_patched_targets()  # the pinned megatron-core has every target
+    cpu_layer.check_patched_targets()  # the pinned megatron-core has every target
     monkeypatch.delattr(mcore_random, "_get_cuda_rng_state")
     with pytest.raises(RuntimeError, match="random._get_cuda_rng_state is missing"):
-        platform.check_patched_targets()
+        cpu_layer.check_patched_targets()
     monkeypatch.undo()
     from megatron.core.optimizer import distrib_optimizer
 
     monkeypatch.delattr(distrib_optimizer, "DistributedOptimizer")  # a class that moved
     with pytest.raises(RuntimeError, match="DistributedOptimizer._set_main_param_and_optimizer_"
                                            "states is missing"):
-        platform.check_patched_targets()
+        cpu_layer.check_patched_targets()

@@ -1,6 +1,6 @@
 """Where megatron-core 0.16.1 breaks without Transformer Engine / apex, on CPU and GPU alike.
 
-The CPU-only accommodations live in megatron_geno/platform.py; these apply to every pip-only run
+The CPU-only accommodations live in megatron_geno/cpu_layer.py; these apply to every pip-only run
 (torch's Adam instead of TE's / apex's fused one, no TE kernels).
 """
 

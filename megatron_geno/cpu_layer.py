@@ -7,7 +7,7 @@ optimizer. ``activate()`` maps each of these to its CPU equivalent, and only whe
 production GPU runs never enter this module's patches.
 
 What megatron-core 0.16.1 needs without Transformer Engine / apex on CPU and GPU alike lives in
-``megatron_geno/compat.py``; ``activate()`` applies it too. Every patched target is checked at
+``megatron_geno/without_te.py``; ``activate()`` applies it too. Every patched target is checked at
 activation (``check_patched_targets``).
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from megatron_geno import compat
+from megatron_geno import without_te
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def check_patched_targets() -> None:
         for part in name.split("."):
             owner = getattr(owner, part, None)
         if owner is None:
-            raise RuntimeError(f"megatron_geno.platform: {module}.{name} is missing from the "
+            raise RuntimeError(f"megatron_geno.cpu_layer: {module}.{name} is missing from the "
                                f"installed packages (megatron-core 0.16.1 expected); the CPU "
                                f"layer cannot mend it")
 
@@ -245,13 +245,13 @@ def activate() -> bool:
     mcore_random._get_cuda_rng_state = _cpu_rng_get
     mcore_random._set_cuda_rng_state = _cpu_rng_set
 
-    compat.patch_missing_transformer_engine()
+    without_te.patch_missing_transformer_engine()
     _recompute_on_cpu_too()
     _alltoall_splits_on_cpu()
     _uneven_gather_on_gloo()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
-    log.warning("CUDA is absent: megatron-core runs on CPU through megatron_geno.platform (gloo)")
+    log.warning("CUDA is absent: megatron-core runs on CPU through megatron_geno.cpu_layer (gloo)")
     return True
 
 
