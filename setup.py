@@ -31,7 +31,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "hf": ["transformers>=4.45", "tokenizers"],
-        "test": ["pytest", "hypothesis>=6.100,<7"],
+        "test": ["pytest", "pytest-xdist>=3.5,<4", "hypothesis>=6.100,<7"],
         "track": ["wandb"],  # logging.wandb (optional; offline mode needs no network)
         "eval": ["pysam>=0.22"],  # geno-eval variants / embed read VCF, BCF and FASTA with it
         "bench": ["biopython"],  # the baseline of benchmarks/preprocess_throughput.py

@@ -82,6 +82,13 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg.to_yaml())
         return 0
+    from megatron_geno.layout import validate_layout  # config only: no megatron-core yet
+
+    try:  # the layout against the world torchrun / srun set up, before anything is imported
+        validate_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as err:
+        print(f"geno-train: error: {err}", file=sys.stderr)
+        return 2
     rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if rank0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -14,8 +14,26 @@ from megatron_geno.config import TrainConfig
 
 
 def free_port() -> int:
-    """Returns a TCP port on localhost that is free right now."""
-    with socket.socket() as sock:
+    """Returns a TCP port on localhost that is free right now, drawn at random below the
+    kernel's ephemeral range: the ports gloo and other clients are given come from that range,
+    so none of them takes this one between now and the rendezvous binding it (concurrent runs
+    on one machine, e.g. parallel test workers, each draw their own)."""
+    import random
+
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range is crowded: any port the kernel gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

@@ -79,16 +79,22 @@ def test_launch_refuses_bad_values_before_rendering(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_config_errors_come_before_megatron_core_is_imported():
-    """A bad value is reported without the 5-8 s import of megatron-core."""
+@pytest.mark.parametrize("override,expected", [
+    ("data.seq_length=0", "data.seq_length must be >= 2"),
+    # a layout the world (torchrun's WORLD_SIZE, 1 here) cannot run: before any process group
+    ("parallel.tensor_parallel=2", "world size 1 is not divisible by TP x PP x CP"),
+])
+def test_config_errors_come_before_megatron_core_is_imported(override, expected):
+    """A bad value or layout is reported without the 5-8 s import of megatron-core."""
     import subprocess
     import sys
 
     code = ("import sys\nfrom megatron_geno.cli import main\n"
-            "rc = main(['--preset', 'tiny', 'data.seq_length=0'])\n"
-            "print(rc, 'megatron.core' in sys.modules)")
+            f"rc = main(['--preset', 'tiny', {override!r}])\n"
+            "print(rc, 'megatron.core' in sys.modules, 'torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr[-2000:]
+    assert expected in proc.stderr, proc.stderr
 
 
 BOMB = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9) if i else '1, 2, 3'}]\n"
