@@ -1,4 +1,5 @@
-"""Build the Genos MoE GPTModel on megatron-core: which spec, which parallel sizes, which precision."""
+"""Build the Genos MoE GPTModel on megatron-core for a resolved Runtime (megatron_geno.runtime:
+which spec, experts module, fusions and precision), and wrap it in megatron-core's DDP."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_geno import without_te, fusions, cpu_layer
+from megatron_geno import cpu_layer, fusions, without_te
 from megatron_geno.attention import SDPAttention
 from megatron_geno.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from megatron_geno.experts import GroupedExperts

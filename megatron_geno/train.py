@@ -22,18 +22,19 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_geno import without_te, distributed
+from megatron_geno import distributed, without_te
+from megatron_geno.arithmetic import flops_per_token, resolve_padded_vocab
 from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
+    SavedRun,
     TrainState,
     checkpoint_bytes,
-    space_warning,
-    SavedRun,
+    load_checkpoint,
     read_saved_run,
     resume_target,
-    load_checkpoint,
     save_checkpoint,
     save_failed,
+    space_warning,
 )
 from megatron_geno.config import ConfigError, TrainConfig, warmup_steps
 from megatron_geno.data import Prefetcher, build_datasets, microbatches
@@ -42,7 +43,6 @@ from megatron_geno.files import DirectoryLock, DirectoryLocked
 from megatron_geno.metrics import ExpertLoad, MetricsWriter, format_record, peak_flops
 from megatron_geno.model import build_model_chunks, wrap_ddp
 from megatron_geno.runtime import Machine, Runtime, resolve
-from megatron_geno.arithmetic import flops_per_token, resolve_padded_vocab
 from megatron_geno.tokenizer import build_tokenizer
 
 log = logging.getLogger("megatron_geno")
