@@ -13,8 +13,10 @@ SPECIAL = {"pad_token": "<pad>", "eos_token": "<eod>", "bos_token": "<bos>",
 
 
 def build_hf_tokenizer(soft_mask: str = "upper"):
-    """Returns a ``tokenizers.Tokenizer`` that maps DNA text to the same ids as GenoTokenizer."""
-    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+    """Returns a ``tokenizers.Tokenizer`` that maps DNA text to the same ids as GenoTokenizer, and
+    decodes ids back to the bases (``decode(encode(s)) == s`` for A C G T N text, and for
+    soft-masked text under ``keep``)."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
 
     if soft_mask not in SOFT_MASK_POLICIES:
@@ -28,6 +30,7 @@ def build_hf_tokenizer(soft_mask: str = "upper"):
         rules += [normalizers.Replace(n.lower(), n) for n in NUCLEOTIDES]
     tok.normalizer = normalizers.Sequence(rules)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # one base per token: decode joins them without spaces
     tok.add_special_tokens(list(SPECIAL.values()))
     return tok
 

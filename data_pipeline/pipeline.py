@@ -103,8 +103,10 @@ def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, forc
                     normaliser.feed(event.data)
                 except InvalidCharacter as bad:
                     line = line_of_offset(path, event.offset + bad.position)
-                    raise FastaError(f"{path}: line {line}: character {chr(bad.char)!r} is not "
-                                     f"an IUPAC nucleotide code (record {contigs[-1]!r})") from None
+                    what = ("U (uracil) is RNA's base; a DNA FASTA has T" if chr(bad.char) in "Uu"
+                            else "it is not an IUPAC DNA code (ACGTN, RYSWKMBDHV)")
+                    raise FastaError(f"{path}: line {line}: character {chr(bad.char)!r} in "
+                                     f"record {contigs[-1]!r}: {what}") from None
                 if progress:
                     progress(stats.bases - before)
         finish_contig()

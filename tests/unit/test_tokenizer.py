@@ -100,3 +100,21 @@ def test_an_hf_exports_soft_mask_policy_one_reader(tmp_path):
         with pytest.raises(ValueError, match=message) as err:
             read_hf_soft_mask(tmp_path)
         assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("policy,text,decoded", [
+    ("upper", "ACGTNNACGT", "ACGTNNACGT"),
+    ("upper", "acgtRY", "ACGTNN"),  # folded and IUPAC-mapped on the way in
+    ("keep", "ACgtnNac", "ACgtnNac"),
+])
+def test_the_hf_tokenizer_decodes_what_it_encodes(tmp_path, policy, text, decoded):
+    """An export's tokenizer gives back the bases, not 'A C G T' (transformers' AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    from checkpoint_tools.hf_tokenizer import write_hf_tokenizer
+
+    write_hf_tokenizer(tmp_path, policy)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == list(GenoTokenizer(policy).tokenize(decoded))
+    assert tokenizer.decode(ids) == decoded
