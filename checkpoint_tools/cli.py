@@ -20,8 +20,6 @@ examples:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="geno-convert", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the known third-party warnings hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
     to_hf = sub.add_parser("to-hf", help="torch_dist checkpoint -> HuggingFace Mixtral directory")
     to_hf.add_argument("--checkpoint", required=True, help="save dir (uses 'latest') or iter_N dir")
@@ -51,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              action="store_false",
                              help="skip checking every stored byte against the checksums "
                              "written at save (faster; damage then goes unnoticed)")
+    from megatron_geno.quiet import add_verbose
+
+    add_verbose(parser, sub)
     return parser.parse_args(argv)
 
 

@@ -36,8 +36,6 @@ def _size(text: str) -> int:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="geno-preprocess", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the known third-party warnings hidden by default")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="tokenize assemblies into OUT/shards (resumable)")
     run.add_argument("fasta", nargs="*", help="FASTA paths (instead of --manifest)")
@@ -93,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     export = sub.add_parser("export-megatron", help="write PREFIX_<split>.bin/.idx for Megatron-LM")
     export.add_argument("corpus")
     export.add_argument("--prefix", required=True, help="output prefix")
+    from megatron_geno.quiet import add_verbose
+
+    add_verbose(parser, sub)
     return parser.parse_args(argv)
 
 

@@ -37,3 +37,15 @@ def quiet_known_warnings(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", message=f".*{text}")
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def add_verbose(parser, subcommands=None) -> None:
+    """``--verbose`` on a tool and on each of its subcommands, so that it works before or after
+    the subcommand's name (``geno-convert --verbose inspect X`` and ``geno-convert inspect X
+    --verbose``). A subcommand's own flag defaults to SUPPRESS: left out, it keeps the tool's."""
+    import argparse
+
+    text = "show the known third-party warnings hidden by default"
+    parser.add_argument("--verbose", action="store_true", help=text)
+    for sub in (subcommands.choices.values() if subcommands is not None else ()):
+        sub.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=text)

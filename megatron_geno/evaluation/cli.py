@@ -48,7 +48,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="skip the checkpoint's checksum check")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (8)")
     p.add_argument("--window", type=int, default=1024, help="window length in tokens (1024)")
-    p.add_argument("--verbose", action="store_true", help="show third-party warnings")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     emb.add_argument("--layer", type=int,
                      help="0 embeddings, 1..L-1 after that layer, L (default) after the final norm")
     emb.add_argument("--out", required=True, help="OUT.npy (+ OUT.names.txt) or OUT.zarr")
+    from megatron_geno.quiet import add_verbose
+
+    add_verbose(parser, sub)
     return parser.parse_args(argv)
 
 

@@ -1,8 +1,11 @@
-"""The docker image installs what setup.py pins; the console scripts and recipes ship."""
+"""The docker image installs what setup.py pins; the console scripts and recipes ship; every tool
+takes --verbose before or after its subcommand."""
 
 import ast
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,3 +70,17 @@ def test_the_token_store_imports_no_training_code():
     assert loaded <= leaves, loaded - leaves
     text = (ROOT / "megatron_geno" / "data.py").read_text()
     assert "from data_pipeline.corpus import CorpusSplit\n" in text  # at the top, not lazily
+
+
+@pytest.mark.parametrize("module,before", [
+    ("data_pipeline.cli", ["stats", "c"]),
+    ("checkpoint_tools.cli", ["inspect", "c"]),
+    ("megatron_geno.evaluation.cli", ["loss", "--hf", "h", "--corpus", "c"]),
+])
+def test_verbose_is_taken_before_and_after_the_subcommand(module, before):
+    import importlib
+
+    parse = importlib.import_module(module).parse_args
+    assert parse(["--verbose", *before]).verbose is True
+    assert parse([*before, "--verbose"]).verbose is True
+    assert parse(before).verbose is False
