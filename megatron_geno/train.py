@@ -240,6 +240,7 @@ class TrainingRun:
         # the data first: its refusals (missing or damaged files, an empty or short corpus, a
         # soft-mask mismatch) come before the model is built
         self.train_ds, self.valid_ds, _ = build_datasets(cfg, tokenizer, self.run_dir)
+        self.evaluator = training_eval(cfg)  # eval.corpora / eval.variants, read and checked now
         self.model = [wrap_ddp(chunk, cfg, runtime)
                       for chunk in build_model_chunks(cfg, tokenizer.vocab_size, runtime=runtime)]
         if self.rank0:  # fully resolved now (padded vocabulary included)
@@ -254,7 +255,8 @@ class TrainingRun:
                       if self.saved_run is not None else TrainState())
         self.say(f"# {runtime.line()}")  # which spec, experts module, layout and precision ran
         d = cfg.data
-        self.evaluator = training_eval(cfg, self.model)  # eval.corpora / eval.variants, read now
+        if self.evaluator is not None:
+            self.evaluator.attach(self.model)
         dp = parallel_state.get_data_parallel_world_size()
         self.num_micro = d.global_batch_size // (d.micro_batch_size * dp)  # layout checked
         self.train_iter = self.micro_batches(self.train_ds, self.state.consumed_samples)

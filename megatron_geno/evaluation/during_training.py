@@ -22,7 +22,11 @@ from megatron_geno.tokenizer import GENO_SPECS, soft_mask_of_spec
 
 
 class TrainingEval:
-    def __init__(self, cfg: TrainConfig, chunks: list) -> None:
+    """eval.corpora / eval.variants read and checked from the config alone (prepare: before the
+    model is built, so bad input stops the run before any work), then bound to the training
+    model's chunks (attach)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
         from megatron_geno.evaluation.loss import corpus_windows
         from megatron_geno.evaluation.variants import prepare_variants
 
@@ -31,19 +35,25 @@ class TrainingEval:
             raise ConfigError(f"eval.variants encodes windows with the built-in tokenizer; "
                               f"data.tokenizer={cfg.data.tokenizer!r} is another")
         self.cfg = cfg
-        self.model = MegatronModel(chunks, cfg, "(training)", soft_mask_of_spec(cfg.data.tokenizer))
+        self.model = None
+        self.soft_mask = soft_mask_of_spec(cfg.data.tokenizer)
         self.window = e.window or cfg.data.seq_length
         try:
             self.loss_windows = (corpus_windows([str(c) for c in e.corpora], e.split, self.window,
                                                 e.windows, seed=0) if e.corpora else None)
             self.variants = (prepare_variants(e.variants, e.reference, e.variants_window,
-                                              self.model.soft_mask, e.label_field)
+                                              self.soft_mask, e.label_field)
                              if e.variants else None)
         except EvalError as err:
             raise ConfigError(f"eval: {err}") from None
         if self.variants is not None and not any(v.status == "ok" for v in self.variants):
             raise ConfigError(f"eval.variants {e.variants}: no record can be scored (statuses: "
                               f"{sorted({v.status for v in self.variants})})")
+
+    def attach(self, chunks: list) -> "TrainingEval":
+        """Scores with these model chunks (the training model, at the run's layout)."""
+        self.model = MegatronModel(chunks, self.cfg, "(training)", self.soft_mask)
+        return self
 
     def run(self) -> dict:
         from megatron_geno.evaluation.loss import evaluate_loss
@@ -75,9 +85,10 @@ class TrainingEval:
         return metrics
 
 
-def training_eval(cfg: TrainConfig, chunks: list):
-    """A TrainingEval when eval.corpora or eval.variants is set, else None."""
+def training_eval(cfg: TrainConfig):
+    """A TrainingEval (not yet attached to a model) when eval.corpora or eval.variants is set,
+    else None. Bad input is a ConfigError naming the file."""
     if not cfg.eval.corpora and not cfg.eval.variants:
         return None
     with torch.no_grad():
-        return TrainingEval(cfg, chunks)
+        return TrainingEval(cfg)
