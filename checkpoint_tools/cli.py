@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from megatron_geno.quiet import quiet_known_warnings
 
     quiet_known_warnings(args.verbose)
-    from tqdm import tqdm
+    from megatron_geno.progress import progress
 
     from checkpoint_tools.mcore_checkpoint import ConversionError
     from megatron_geno.checkpointing import CheckpointError
@@ -96,13 +96,13 @@ def main(argv=None) -> int:
             from checkpoint_tools.to_hf import mcore_to_hf
 
             out = mcore_to_hf(args.checkpoint, args.out, args.dtype, args.shard_size,
-                              args.iteration, progress=tqdm,
+                              args.iteration, progress=progress,
                               verify_checksums=args.verify_checksums)
             print(f"wrote {out}")
         elif args.command == "from-hf":
             from checkpoint_tools.from_hf import hf_to_mcore
 
-            out = hf_to_mcore(args.hf, args.out, progress=tqdm)
+            out = hf_to_mcore(args.hf, args.out, progress=progress)
             print(f"wrote {out}; continue with: geno-train --config {out}/model.yaml "
                   f"checkpoint.load={out}")
         elif args.command == "inspect":

@@ -95,11 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _progress(rank0: bool):
-    if not rank0 or not sys.stderr.isatty():
+    if not rank0:
         return None
-    from tqdm import tqdm
+    from megatron_geno.progress import progress
 
-    return lambda it, desc, total=None: tqdm(it, desc=desc, total=total, leave=False)
+    return lambda it, desc, total=None: progress(it, desc=desc, total=total, leave=False)
 
 
 def _check_outputs(args) -> None:

@@ -17,3 +17,17 @@ def test_sizes(text, value):
 def test_not_sizes(text):
     with pytest.raises(ValueError, match="is not a size"):
         parse_size(text)
+
+
+def test_progress_off_a_terminal_is_a_plain_line_not_a_bar(capsys):
+    """In a log (stderr not a terminal) progress is plain lines, never carriage returns."""
+    from megatron_geno.progress import PlainProgress, progress
+
+    assert list(progress(range(3), desc="tensors")) == [0, 1, 2]  # pytest captures: no TTY
+    with PlainProgress(total=10, desc="chunks", every=0) as bar:
+        bar.update(4)
+        bar.update(6)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert err.splitlines() == ["tensors: 3/3 it (100%), 0 s", "chunks: 4/10 it (40%), 0 s",
+                                "chunks: 10/10 it (100%), 0 s"]
