@@ -251,7 +251,7 @@ def activate() -> bool:
     _uneven_gather_on_gloo()
     _ACTIVE_MODE = CudaToCpuMode()
     _ACTIVE_MODE.__enter__()
-    log.warning("CUDA is absent: megatron-core runs on CPU through megatron_geno.cpu_layer (gloo)")
+    log.info("CUDA is absent: megatron-core runs on CPU through megatron_geno.cpu_layer (gloo)")
     return True
 
 

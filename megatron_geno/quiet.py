@@ -23,6 +23,8 @@ KNOWN_WARNINGS = (
     # torch.distributed.checkpoint, called by megatron-core's checkpoint loader
     "`load_state_dict` is deprecated and will be removed",
     "Please use DTensor instead and we are deprecating ShardedTensor",
+    # ... and in a one-process conversion, which needs no process group for its reads
+    "torch.distributed is disabled, unavailable or uninitialized",
 )
 # megatron-core loggers whose INFO / WARNING start-up lines are noise here
 QUIET_LOGGERS = ("megatron", "megatron.core", "megatron.core.rerun_state_machine",
