@@ -7,7 +7,9 @@ log p(alt window) - log p(ref window), summed over the L - 1 predictions of each
 averaged with the reverse-complement windows' with ``both_strands``). A low score means the
 model finds the alternative allele improbable in its context.
 
-Per record, a status: ``ok``; ``ref_mismatch`` (the VCF REF is not the reference's bases there);
+Per record, a status: ``ok``; ``n_reference`` (the reference has N, or another ambiguity code,
+under the REF allele: no base to change from); ``ref_mismatch`` (the VCF REF is not the
+reference's bases there);
 ``past_contig_end`` (the window does not fit inside the contig); ``unsupported`` (symbolic or
 long alleles, or a missing ALT). Only ``ok`` records are scored. With a label field (ClinVar's
 CLNSIG, or any 0/1 / true/false INFO field), AUROC is the probability that a benign (0)
@@ -147,6 +149,9 @@ def make_windows(variants: list[Variant], reference, length: int, soft_mask: str
             continue
         seq = reference.fetch(v.chrom, start, end)
         at = p - start
+        if set(seq[at:at + len(v.ref)].upper()) - set("ACGT"):  # a gap or an ambiguity code
+            v.status = "n_reference"
+            continue
         if seq[at:at + len(v.ref)].upper() != v.ref.upper():
             v.status = "ref_mismatch"
             continue

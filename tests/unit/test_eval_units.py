@@ -8,7 +8,7 @@ from megatron_geno.evaluation.variants import (Variant, auroc, label_of, make_wi
                                                open_reference, reverse_complement)
 from megatron_geno.vocab import encoding_table
 
-SEQ = "ACGTTGCAACGGTTAACCGGTTAA"  # 24 bases
+SEQ = "ACGTTGCAACGGTTAACCGGTTAANNNNNNNNACGTACGT"  # 40 bases, an N gap at 25-32
 
 
 @pytest.fixture()
@@ -38,11 +38,12 @@ def test_windows_for_snv_insertion_and_deletion(reference):
 def test_mismatch_and_contig_ends_are_statuses(reference):
     wrong = Variant("chrA", 12, "w", "C", "T")  # the reference has G there
     early = Variant("chrA", 3, "e", "G", "A")  # the window would start before base 1
-    late = Variant("chrA", 22, "l", "T", "A")  # ... or end past base 24
+    late = Variant("chrA", 38, "l", "A", "C")  # ... or end past base 40
     soft = Variant("chrA", 12, "x", "g", "t")  # REF is compared case-insensitively
-    make_windows([wrong, early, late, soft], reference, 8, "upper")
-    assert [v.status for v in (wrong, early, late, soft)] == [
-        "ref_mismatch", "past_contig_end", "past_contig_end", "ok"]
+    gap = Variant("chrA", 28, "n", "N", "A")  # the reference has N there: nothing to change from
+    make_windows([wrong, early, late, soft, gap], reference, 8, "upper")
+    assert [v.status for v in (wrong, early, late, soft, gap)] == [
+        "ref_mismatch", "past_contig_end", "past_contig_end", "ok", "n_reference"]
     assert wrong.ref_ids is None and early.alt_ids is None
 
 
