@@ -116,6 +116,9 @@ def stats_table(corpus: Corpus) -> str:
         f"{t['documents']:>8,d} {t['split_tokens']['valid']:>12,d} {t['split_tokens']['test']:>12,d} "
         f"{100 * total_n / max(total_bases, 1):>6.2f} {100 * total_lower / max(total_bases, 1):>7.2f} "
         f"{100 * total_gc / max(total_acgt, 1):>6.2f}")
+    rows.append("tokens, valid, test: tokens written (one EOD per document included); N% and "
+                "lower%: of the source bases (every base of the FASTA, dropped pieces too); GC%: "
+                "of the source's A, C, G, T")
     return "\n".join(rows)
 
 
