@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from megatron_geno.lifetime import die_with_parent_if_spawned
+
+die_with_parent_if_spawned()  # in a multiprocessing spawn child (which imports the main module)
+
 EPILOG = """\
 examples:
   geno-convert to-hf --checkpoint runs/ckpt --out hf/genos-tiny           # latest iteration

@@ -19,6 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from megatron_geno.lifetime import die_with_parent_if_spawned
+
+die_with_parent_if_spawned()  # in a multiprocessing spawn child (which imports the main module)
+
 HERE = Path(__file__).resolve().parent
 
 EPILOG = """\

@@ -7,6 +7,10 @@ import logging
 import os
 import sys
 
+from megatron_geno.lifetime import die_with_parent_if_spawned
+
+die_with_parent_if_spawned()  # in a multiprocessing spawn child (which imports the main module)
+
 EPILOG = """\
 examples:
   geno-train --preset tiny schedule.train_iters=100              # CPU, one process

@@ -6,8 +6,10 @@ scheduler, `kill -9`) gives them no chance to clean up, and they pile up over re
 of MB each. The kernel's parent-death signal (prctl PR_SET_PDEATHSIG) ends them instead:
 
 - ``tie_forked_children()``: every child forked from here on gets SIGKILL when its parent dies;
-- ``die_with_parent_if_spawned()``: run at import of this package, so a multiprocessing "spawn"
-  child (which imports the parent's main module, and so this package) does the same.
+- ``die_with_parent_if_spawned()``: run at import of each command-line entry module (geno-train,
+  geno-preprocess, geno-convert, geno-eval, geno-launch), so a multiprocessing "spawn" child
+  (which imports the parent's main module) does the same. The package itself does nothing at
+  import.
 """
 
 from __future__ import annotations

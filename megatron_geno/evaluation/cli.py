@@ -17,6 +17,10 @@ import logging
 import sys
 from pathlib import Path
 
+from megatron_geno.lifetime import die_with_parent_if_spawned
+
+die_with_parent_if_spawned()  # in a multiprocessing spawn child (which imports the main module)
+
 EPILOG = """\
 examples:
   geno-eval loss --checkpoint runs/ckpt --corpus corpus/human --corpus corpus/primates --window 4096

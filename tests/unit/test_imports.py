@@ -85,3 +85,14 @@ def test_preprocessing_conversion_cli_and_launch_import_neither_torch_nor_megatr
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
+def test_importing_the_package_does_nothing_else():
+    """megatron_geno/__init__ imports no module and changes no process state: the leaf modules
+    preprocessing uses (vocab, files, units) come without the rest; only the command-line entry
+    modules tie spawn children to their parent (megatron_geno.lifetime)."""
+    code = ("import sys\nimport megatron_geno\n"
+            "print(sorted(m for m in sys.modules if m.startswith('megatron_geno.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
