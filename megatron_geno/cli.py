@@ -87,9 +87,12 @@ def main(argv=None) -> int:
         print(cfg.to_yaml())
         return 0
     from megatron_geno.layout import validate_layout  # config only: no megatron-core yet
+    from megatron_geno.sources import check_sources
 
-    try:  # the layout against the world torchrun / srun set up, before anything is imported
+    try:  # the layout against the world torchrun / srun set up, and the data files, before
+        # anything heavy is imported
         validate_layout(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_sources(cfg)
     except ConfigError as err:
         print(f"geno-train: error: {err}", file=sys.stderr)
         return 2

@@ -23,10 +23,9 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from data_pipeline.corpus import CorpusSplit
-from data_pipeline.corpus_manifest import read_manifest_json
-from data_pipeline.errors import PipelineError
 from data_pipeline.export import write_bin_idx
 from megatron_geno.config import ConfigError, TrainConfig, parse_blend
+from megatron_geno.sources import ZARR_MARK, zarr_blend_per_split
 from megatron_geno.tokenizer import tokenizer_soft_mask
 from megatron_geno.vocab import COMPLEMENT, EOD
 
@@ -179,7 +178,6 @@ def megatron_blend_per_split(d, needed: list[bool]) -> Optional[list]:
     return per_split
 
 
-ZARR_MARK = "::"  # a zarr dataset path is CORPUS::SPLIT::CONTENT_HASH
 
 
 @dataclass
@@ -217,64 +215,6 @@ class GenoGPTDataset(GPTDataset):
                     else self.unique_description_hash)
         key = f"{self.config.random_seed}:{identity}:{idx}".encode()
         return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64
-
-
-def zarr_blend_per_split(blend: list, needed: list[bool], soft_mask: str = "upper",
-                         seq_length: int = 0, train_tokens: int = 0) -> list:
-    """Returns megatron-core's blend_per_split from [weight, corpus, ...]: the manifests' splits.
-
-    A split that is needed (train always; valid when evaluating) but has no documents in any
-    corpus is a ConfigError naming the corpora (and saying whether the corpora are empty or
-    every document is held out); so is a corpus made under another soft-mask policy than the
-    tokenizer's (``soft_mask``): its token ids would mean other bases. A train split shorter
-    than one sample (seq_length + 1 tokens) is a ConfigError with both numbers: every sample
-    would hold the same corpus repeated; a run that reads the train split more than once
-    (train_tokens, its token count) is said in a warning with the number of passes.
-    """
-    paths, weights = parse_blend(blend)
-    try:
-        manifests = [read_manifest_json(Path(corpus)) for corpus in paths]
-    except PipelineError as err:
-        raise ConfigError(f"data.blend: {err}") from None
-    for corpus, manifest in zip(paths, manifests):
-        made = manifest.get("config", {}).get("policy", {}).get("soft_mask", "upper")
-        if made != soft_mask:
-            raise ConfigError(
-                f"data.blend: corpus {corpus} was made with --soft-mask {made}, but the tokenizer "
-                f"reads soft-masked bases as {soft_mask!r}; set data.tokenizer="
-                f"{'geno:keep' if made == 'keep' else 'geno'} (or remake the corpus)")
-    per_split = []
-    for split, need in zip(("train", "valid", "test"), needed):
-        chosen, chosen_weights = [], []
-        for i, (corpus, manifest) in enumerate(zip(paths, manifests)):
-            if manifest["totals"]["split_tokens"][split]:
-                chosen.append(ZARR_MARK.join([str(Path(corpus).resolve()), split,
-                                              manifest["content_hash"]]))
-                if weights:
-                    chosen_weights.append(weights[i])
-        if need and not chosen:
-            if split != "train":
-                hint = ("hold out contigs or samples with geno-preprocess run --holdout-contigs "
-                        "/ --holdout-samples, or set schedule.eval_interval=0")
-            elif not any(m["totals"]["tokens"] for m in manifests):
-                hint = ("the corpora hold no tokens at all (geno-preprocess stats shows what "
-                        "--min-length / --max-n-fraction dropped)")
-            else:
-                hint = "every document is held out (valid or test)"
-            raise ConfigError(f"data.blend: no {split} documents in {', '.join(paths)}; {hint}")
-        per_split.append((chosen, chosen_weights or None) if chosen else None)
-    train = sum(m["totals"]["split_tokens"]["train"] for m in manifests)
-    if seq_length and train < seq_length + 1:
-        raise ConfigError(f"data.seq_length={seq_length} needs {seq_length + 1:,d} tokens per "
-                          f"sample, but the train split of {', '.join(paths)} holds {train:,d}: "
-                          f"every sample would repeat the whole corpus; use a shorter "
-                          f"data.seq_length or a larger corpus")
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    if train_tokens > train and rank0:
-        log.warning("data.blend: this run reads %s train tokens, %.1f passes over the %s of %s "
-                    "(samples repeat from the second pass on)", f"{train_tokens:,d}",
-                    train_tokens / train, f"{train:,d}", ", ".join(paths))
-    return per_split
 
 
 def build_datasets(cfg: TrainConfig, tokenizer, run_dir: Path):

@@ -16,6 +16,7 @@ except ImportError:  # pragma: no cover
 from megatron_geno.vocab import (  # noqa: F401 - re-exported
     BOS, EOD, IUPAC_AMBIGUOUS, MASK, NUCLEOTIDES, NUM_TAGS, PAD, SOFT_MASK_POLICIES, SPECIAL_TOKENS,
     TOKENIZER_VERSION, UNK, VOCAB, VOCAB_SIZE, DECODE, encoding_table,
+    GENO_SPECS, HF_SOFT_MASK_KEY, read_hf_soft_mask, soft_mask_of_spec, tokenizer_soft_mask,
 )
 
 
@@ -121,20 +122,6 @@ class HFTokenizerAdapter(MegatronTokenizerBase):
 
 
 # data.tokenizer values naming the built-in tokenizer -> its soft-mask policy
-GENO_SPECS = {"geno": "upper", "geno:upper": "upper", "geno:keep": "keep"}
-
-
-def soft_mask_of_spec(spec: str) -> str:
-    """The built-in tokenizer's soft-mask policy for a data.tokenizer value (upper otherwise)."""
-    return GENO_SPECS.get(spec, "upper")
-
-
-def tokenizer_soft_mask(spec: str) -> str:
-    """The soft-mask policy of a data.tokenizer value: the built-in's, or what an HF export's
-    tokenizer_config.json declares (upper where it declares none)."""
-    return GENO_SPECS[spec] if spec in GENO_SPECS else read_hf_soft_mask(Path(spec)) or "upper"
-
-
 def build_tokenizer(spec: str = "geno"):
     """Returns the built-in tokenizer for ``"geno"``, else the HuggingFace tokenizer at that path."""
     if spec in GENO_SPECS:
@@ -142,26 +129,3 @@ def build_tokenizer(spec: str = "geno"):
     return HFTokenizerAdapter(spec)
 
 
-# the key of tokenizer_config.json that names an HF export's soft-mask policy
-HF_SOFT_MASK_KEY = "geno_soft_mask"
-
-
-def read_hf_soft_mask(hf_dir: Path) -> str | None:
-    """The soft-mask policy ("upper" or "keep") an HF export's tokenizer_config.json names
-    (checkpoint_tools.hf_tokenizer writes it), or None where the file or the key is absent (not
-    a geno tokenizer). A file that is not a JSON object, or a policy that is not one of ours, is
-    a ValueError naming the file."""
-    path = hf_dir / "tokenizer_config.json"
-    if not path.exists():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not readable JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    policy = config.get(HF_SOFT_MASK_KEY)
-    if policy is not None and policy not in SOFT_MASK_POLICIES:
-        raise ValueError(f"{path}: {HF_SOFT_MASK_KEY}={policy!r} is not one of "
-                         f"{', '.join(SOFT_MASK_POLICIES)}")
-    return policy

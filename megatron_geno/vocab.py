@@ -21,6 +21,9 @@ The vocabulary has exactly 128 entries, so the padded vocabulary is 128 x TP.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 TOKENIZER_VERSION = 1
@@ -59,3 +62,44 @@ DECODE = np.array([t if len(t) == 1 else "?" for t in VOCAB])
 COMPLEMENT = np.arange(256, dtype=np.uint8)
 for _x, _y in ("AT", "CG", "at", "cg"):
     COMPLEMENT[VOCAB.index(_x)], COMPLEMENT[VOCAB.index(_y)] = VOCAB.index(_y), VOCAB.index(_x)
+
+
+# ---- soft-mask policies of data.tokenizer values (light: preflight checks read them) ----
+
+GENO_SPECS = {"geno": "upper", "geno:upper": "upper", "geno:keep": "keep"}
+
+
+def soft_mask_of_spec(spec: str) -> str:
+    """The built-in tokenizer's soft-mask policy for a data.tokenizer value (upper otherwise)."""
+    return GENO_SPECS.get(spec, "upper")
+
+
+def tokenizer_soft_mask(spec: str) -> str:
+    """The soft-mask policy of a data.tokenizer value: the built-in's, or what an HF export's
+    tokenizer_config.json declares (upper where it declares none)."""
+    return GENO_SPECS[spec] if spec in GENO_SPECS else read_hf_soft_mask(Path(spec)) or "upper"
+
+
+# the key of tokenizer_config.json that names an HF export's soft-mask policy
+HF_SOFT_MASK_KEY = "geno_soft_mask"
+
+
+def read_hf_soft_mask(hf_dir: Path) -> str | None:
+    """The soft-mask policy ("upper" or "keep") an HF export's tokenizer_config.json names
+    (checkpoint_tools.hf_tokenizer writes it), or None where the file or the key is absent (not
+    a geno tokenizer). A file that is not a JSON object, or a policy that is not one of ours, is
+    a ValueError naming the file."""
+    path = hf_dir / "tokenizer_config.json"
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not readable JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    policy = config.get(HF_SOFT_MASK_KEY)
+    if policy is not None and policy not in SOFT_MASK_POLICIES:
+        raise ValueError(f"{path}: {HF_SOFT_MASK_KEY}={policy!r} is not one of "
+                         f"{', '.join(SOFT_MASK_POLICIES)}")
+    return policy

@@ -125,3 +125,25 @@ def test_bad_config_and_recipe_files_are_one_line(tmp_path, name, content, expec
 def test_an_override_that_is_not_yaml_is_one_line(tmp_path):
     line = error_line(train(tmp_path / "run", "model.num_layers=[2"))
     assert "override 'model.num_layers=[2' is not valid YAML" in line
+
+
+def test_data_that_cannot_be_read_is_refused_before_megatron_core_is_imported(tmp_path):
+    """A corpus that is not there, or a .bin/.idx prefix that is not, is one line in a second."""
+    import subprocess
+    import sys
+
+    for overrides, expected in [
+        (["data.source=zarr", f"data.blend=[{tmp_path / 'nothing'}]"],
+         f"data.blend: {tmp_path / 'nothing' / 'manifest.json'} does not exist"),
+        (["data.source=megatron", f"data.blend=[{tmp_path / 'prefix'}]"],
+         f"data.blend: {tmp_path / 'prefix'}.bin does not exist"),
+        ([f"eval.corpora=[{tmp_path / 'nothing'}]", "schedule.eval_interval=5"],
+         "eval.corpora:"),
+    ]:
+        code = ("import sys\nfrom megatron_geno.cli import main\n"
+                f"rc = main(['--preset', 'tiny', *{overrides!r}])\n"
+                "print(rc, 'megatron.core' in sys.modules, 'torch' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr[-2000:]
+        assert expected in proc.stderr, proc.stderr

@@ -246,7 +246,7 @@ def test_training_data_that_cannot_fill_a_sample_is_one_line_with_numbers(fastas
     import logging
 
     from megatron_geno.config import ConfigError
-    from megatron_geno.data import zarr_blend_per_split
+    from megatron_geno.sources import zarr_blend_per_split
 
     all_n = write_fasta(tmp_path / "alln.fa", {"chr1": b"N" * 5000})
     preprocess("run", "--out", str(tmp_path / "empty"), str(all_n))  # refused, manifest written
