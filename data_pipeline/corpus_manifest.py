@@ -65,7 +65,10 @@ def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], f
                      ", ".join(a.assembly for a in kept[:3]), ", ..." if len(kept) > 3 else "")
     write_json(run_file, {"format_version": FORMAT_VERSION, "config": config.to_dict(),
                            "config_hash": config.hash(),
-                           "assemblies": [a.to_dict() for a in kept + list(assemblies)]})
+                           # by name: the same set gives the same run.json and manifest
+                           # whichever inputs, in whichever order, a run names
+                           "assemblies": [a.to_dict() for a in sorted(
+                               kept + list(assemblies), key=lambda a: a.assembly)]})
 
 
 def finalize(out: Path) -> dict:
@@ -76,7 +79,7 @@ def finalize(out: Path) -> dict:
         raise PipelineError(f"{out}/run.json: unreadable ({err}); run geno-preprocess run first")
     config = PipelineConfig.from_dict(run["config"])
     entries, missing = [], []
-    for row in run["assemblies"]:
+    for row in sorted(run["assemblies"], key=lambda r: r["assembly"]):  # (older run.json files)
         assembly = Assembly(**row)
         group = out / "shards" / assembly.assembly
         try:

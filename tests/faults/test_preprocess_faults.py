@@ -34,10 +34,13 @@ def test_out_naming_a_file_is_one_line(fastas, tmp_path):
 
 def test_rerun_naming_fewer_inputs_keeps_the_others(fastas, tmp_path):
     corpus = tmp_path / "corpus"
-    assert preprocess("run", "--out", str(corpus), *map(str, fastas)).returncode == 0
+    assert preprocess("run", "--out", str(corpus), *map(str, reversed(fastas))).returncode == 0
+    first = json.loads((corpus / "manifest.json").read_text())
     proc = preprocess("run", "--out", str(corpus), str(fastas[0]))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert manifest_assemblies(corpus) == ["a1", "a2", "a0"]
+    # the same set of assemblies: the same manifest (order and content hash), whatever was named
+    assert manifest_assemblies(corpus) == ["a0", "a1", "a2"]
+    assert json.loads((corpus / "manifest.json").read_text()) == first
     proc = preprocess("run", "--out", str(corpus), str(fastas[0]), "--only-listed")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert manifest_assemblies(corpus) == ["a0"]
