@@ -250,6 +250,14 @@ def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
     print(f"wrote {out}/manifest.json: {len(manifest['assemblies'])} assemblies, "
           f"{t['tokens']:,d} tokens ({t['split_tokens']['train']:,d} train, "
           f"{t['split_tokens']['valid']:,d} valid, {t['split_tokens']['test']:,d} test)")
+    for split in ("train", "valid"):
+        if not t["split_tokens"][split]:
+            why = ("every document is held out by --holdout-contigs / --holdout-samples: "
+                   "geno-train cannot train on it" if split == "train" else
+                   "nothing is held out: geno-train's validation (schedule.eval_interval) needs "
+                   "--holdout-contigs or --holdout-samples, or a validation corpus")
+            print(f"geno-preprocess: warning: {out} has an empty {split} split: {why}",
+                  file=sys.stderr)
     return 0
 
 

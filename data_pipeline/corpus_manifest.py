@@ -52,10 +52,10 @@ def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], f
         except (OSError, ValueError, TypeError) as err:
             raise PipelineError(f"{run_file}: unreadable ({err}); remove it or use a new --out")
         if previous.get("config_hash") != config.hash() and not force:
+            changed = differing_options(previous.get("config") or {}, config.to_dict())
             raise PipelineError(
-                f"{out} holds a corpus made with other options (config hash "
-                f"{previous.get('config_hash')} != {config.hash()}); use the same options, "
-                f"--force to redo it, or a new --out")
+                f"{out} holds a corpus made with other options ({changed}); use the same "
+                f"options, --force to redo it, or a new --out")
         named = {a.assembly for a in assemblies}
         unnamed = [a for a in earlier if a.assembly not in named]
         if unnamed and not only_listed:
@@ -69,6 +69,33 @@ def prepare_out(out: Path, config: PipelineConfig, assemblies: list[Assembly], f
                            # whichever inputs, in whichever order, a run names
                            "assemblies": [a.to_dict() for a in sorted(
                                kept + list(assemblies), key=lambda a: a.assembly)]})
+
+
+# where each field of a PipelineConfig comes from on geno-preprocess run's command line
+_OPTIONS = {"policy.soft_mask": "--soft-mask", "policy.split_n_run": "--split-n-run",
+            "policy.min_length": "--min-length", "policy.max_n_fraction": "--max-n-fraction",
+            "rules.contig_patterns": "--holdout-contigs", "rules.sample_fractions":
+            "--holdout-samples", "rules.seed": "--split-seed", "part_tokens": "--part-size",
+            "compression_level": "--compression-level", "codec": "--codec",
+            "format_version": "the store format version (another geno-preprocess)",
+            "tokenizer_version": "the tokenizer version (another geno-preprocess)"}
+
+
+def differing_options(before: dict, now: dict) -> str:
+    """'--min-length 64 -> 100; --codec dna2bit -> zstd': the options two corpus configs differ
+    in, as geno-preprocess run takes them."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    a, b = flat(before), flat(now)
+    return "; ".join(f"{_OPTIONS.get(k, k)} {a.get(k)!r} -> {b.get(k)!r}"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
 def finalize(out: Path) -> dict:

@@ -309,3 +309,12 @@ def test_a_bad_slurm_array_variable_is_one_line(fastas, tmp_path, monkeypatch):
     with pytest.raises(ManifestError) as err:
         task_slice([], None, 4)
     assert "SLURM_ARRAY_TASK_ID='3%' is not an integer" in str(err.value)
+
+
+def test_an_empty_split_is_warned(fastas, tmp_path):
+    proc = preprocess("run", "--out", str(tmp_path / "held"), str(fastas[0]),
+                      "--holdout-contigs", "valid=chr*")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "has an empty train split: every document is held out" in proc.stderr, proc.stderr
+    proc = preprocess("run", "--out", str(tmp_path / "all"), str(fastas[0]))
+    assert proc.returncode == 0 and "has an empty valid split" in proc.stderr, proc.stderr

@@ -209,7 +209,7 @@ def test_rerun_skips_finished_refuses_other_options_and_force_redoes(tmp_path, c
     assert "0 written, 2 already done" in capsys.readouterr().err
     assert tree_bytes(out) == before
     assert run_cli("run", "--manifest", m, "--out", out, "--soft-mask", "keep") == 2
-    assert "other options" in capsys.readouterr().err
+    assert "other options (--soft-mask 'upper' -> 'keep')" in capsys.readouterr().err
     assert tree_bytes(out) == before  # nothing written was lost
     assert run_cli("run", "--manifest", m, "--out", out, "--soft-mask", "keep", "--force") == 0
     assert tree_bytes(out) != before
