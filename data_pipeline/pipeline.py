@@ -142,9 +142,10 @@ def process_assembly(assembly: Assembly, out: Path, config: PipelineConfig, forc
     finally:
         source.close()
     elapsed = time.perf_counter() - started
+    # tokens as the manifest and geno-preprocess stats count them: one EOD per document included
     log.info("%s: %d contigs, %d bases -> %d tokens in %d documents (%.1f Mbp/s)",
-             assembly.assembly, len(contigs), total.bases, total.tokens, total.documents,
-             total.bases / max(elapsed, 1e-9) / 1e6)
+             assembly.assembly, len(contigs), total.bases, total.tokens + total.documents,
+             total.documents, total.bases / max(elapsed, 1e-9) / 1e6)
     return {**read_attrs(final), "status": "written"}
 
 
