@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from megatron_geno.lifetime import die_with_parent_if_spawned
 
@@ -92,10 +93,13 @@ def main(argv=None) -> int:
     quiet_known_warnings(args.verbose)
     from megatron_geno.progress import progress
 
-    from checkpoint_tools.mcore_checkpoint import ConversionError
-    from megatron_geno.checkpointing import CheckpointError
+    from checkpoint_tools.errors import ConversionError
+    from checkpoint_tools.output_dir import check_out
+    from megatron_geno.checkpoint.errors import CheckpointError
 
     try:
+        if args.command in ("to-hf", "from-hf"):
+            check_out(Path(args.out))  # before torch and megatron-core are imported
         if args.command == "to-hf":
             from checkpoint_tools.to_hf import mcore_to_hf
 
@@ -135,10 +139,11 @@ def main(argv=None) -> int:
         print("geno-convert: interrupted: nothing was written", file=sys.stderr)
         return 130
     finally:  # the one-process group of checkpoint I/O and verify; gloo aborts if it outlives exit
-        import torch
+        if "torch" in sys.modules:  # (a refused argument never imported it)
+            import torch
 
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
     return 0
 
 

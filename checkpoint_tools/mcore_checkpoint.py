@@ -9,14 +9,11 @@ from typing import Optional
 
 import torch
 
+from checkpoint_tools.errors import ConversionError  # noqa: F401 - re-exported
 from megatron_geno.checkpoint import trust
 from megatron_geno.checkpointing import (TE_KEY_ALIASES, CheckpointError, open_for_loading,
                                          resolve_checkpoint_dir)
 from megatron_geno.config import ModelConfig
-
-
-class ConversionError(RuntimeError):
-    """Input a converter refuses: the message names the file, tensor or setting at fault."""
 
 
 def init_single_process() -> None:

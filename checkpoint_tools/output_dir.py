@@ -7,7 +7,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from checkpoint_tools.mcore_checkpoint import ConversionError
+from checkpoint_tools.errors import ConversionError
 from megatron_geno.files import (DirectoryLock, DirectoryLocked, free_bytes, fresh_temp_dir,
                                  out_of_space, publish_dir)
 from megatron_geno.units import format_bytes

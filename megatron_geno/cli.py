@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def print_params(cfg) -> None:
     from megatron_geno.arithmetic import count_parameters, resolve_padded_vocab
     from megatron_geno.presets import PUBLISHED_PARAMS
-    from megatron_geno.tokenizer import VOCAB_SIZE
+    from megatron_geno.vocab import VOCAB_SIZE
 
     vocab = resolve_padded_vocab(cfg.model, VOCAB_SIZE, 1)
     counts = count_parameters(cfg.model, vocab)

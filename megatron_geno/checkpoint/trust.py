@@ -30,15 +30,13 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
+from megatron_geno.checkpoint.errors import CheckpointError  # noqa: E402,F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 CHECKSUMS = "checksums.json"
 METADATA = ".metadata"
 COMMON = "common.pt"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, corrupt, unsafe or does not match the model."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def _progress(rank0: bool):
 
 
 def _check_outputs(args) -> None:
-    from megatron_geno.evaluation.models import EvalError
+    from megatron_geno.evaluation.errors import EvalError
 
     for flag in ("out", "json"):
         path = getattr(args, flag, None)
@@ -133,10 +133,14 @@ def _check_outputs(args) -> None:
 
 
 def run(args) -> int:
-    from megatron_geno.evaluation.models import EvalError, open_model
+    from megatron_geno.evaluation.errors import EvalError, check_model_choice
 
     try:
+        check_model_choice(args.checkpoint, args.hf, args.iteration, args.tensor_parallel,
+                           args.pipeline_parallel, args.context_parallel)  # before torch
         _check_outputs(args)
+        from megatron_geno.evaluation.models import open_model
+
         if args.command == "embed":  # inputs first: no model is loaded for a bad FASTA
             from megatron_geno.evaluation.embed import read_sequences
 
@@ -187,12 +191,12 @@ def run(args) -> int:
         print(f"geno-eval: error: {err}", file=sys.stderr)
         return 2
     finally:
-        from megatron_geno import distributed
-
-        if "torch" in sys.modules:
+        if "torch" in sys.modules:  # (a refused argument never imported it)
             import torch
 
             if torch.distributed.is_initialized():
+                from megatron_geno import distributed
+
                 distributed.finish()
     return 0
 

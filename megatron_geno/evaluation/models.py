@@ -18,11 +18,8 @@ from typing import Optional
 
 import torch
 
+from megatron_geno.evaluation.errors import EvalError, check_model_choice
 from megatron_geno.vocab import PAD
-
-
-class EvalError(RuntimeError):
-    """Input geno-eval refuses: the message names the file, record or option at fault."""
 
 
 def pysam_module():
@@ -285,14 +282,9 @@ def open_model(checkpoint: Optional[str] = None, hf: Optional[str] = None,
                pipeline_parallel: int = 1, verify_checksums: bool = True,
                context_parallel: int = 1):
     """The model to score: --checkpoint (Megatron) or --hf (transformers), exactly one."""
-    if (checkpoint is None) == (hf is None):
-        raise EvalError("give exactly one of --checkpoint (a geno-train checkpoint) and --hf "
-                        "(a HuggingFace export)")
+    check_model_choice(checkpoint, hf, iteration, tensor_parallel, pipeline_parallel,
+                       context_parallel)
     if hf is not None:
-        if (tensor_parallel != 1 or pipeline_parallel != 1 or context_parallel != 1
-                or iteration is not None):
-            raise EvalError("--tensor-parallel, --pipeline-parallel, --context-parallel and "
-                            "--iteration apply to --checkpoint only")
         return HFModel(hf)
     return MegatronModel.load(checkpoint, iteration, tensor_parallel, pipeline_parallel,
                               verify_checksums, context_parallel)

@@ -96,3 +96,24 @@ def test_importing_the_package_does_nothing_else():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
+
+
+def test_quick_answers_import_neither_torch_nor_megatron_core(tmp_path):
+    """--help, --print-params, --print-config, a geno-launch dry run and refused arguments of
+    geno-convert and geno-eval answer without the seconds torch and megatron-core take."""
+    cases = [
+        ("megatron_geno.cli", ["--preset", "genos-10b", "--print-params"], 0),
+        ("megatron_geno.cli", ["--preset", "tiny", "--print-config"], 0),
+        ("launch.cli", ["--recipe", "genos-1.2b-8k", "--nodes", "16", "--dry-run",
+                        f"logging.run_dir={tmp_path}"], 0),
+        ("checkpoint_tools.cli", ["to-hf", "--checkpoint", "x", "--out", "."], 2),
+        ("megatron_geno.evaluation.cli", ["loss", "--corpus", "x"], 2),
+    ]
+    for module, args, code in cases:
+        script = ("import sys, importlib\n"
+                  f"rc = importlib.import_module({module!r}).main({args!r})\n"
+                  "print(rc, 'torch' in sys.modules, 'megatron.core' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", script],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.stdout.split()[-3:] == [str(code), "False", "False"], (
+            module, args, proc.stdout[-500:], proc.stderr[-1500:])
