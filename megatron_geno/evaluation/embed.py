@@ -146,7 +146,9 @@ def write_embeddings(out: str | Path, names: list[str], mean: np.ndarray,
     group = zarr.open_group(str(tmp), mode="w")
     group.create_array("mean", data=mean)
     group.create_array("last", data=last)
-    group.create_array("names", data=np.array(names, dtype=str))
+    # the names as an attribute (JSON): zarr's variable-length string arrays have no stable
+    # Zarr V3 specification yet, so other Zarr readers might not read an array of them
+    group.attrs["names"] = list(names)
     group.attrs["pooling"] = {"mean": "mean over all tokens of all windows",
                               "last": "hidden state of the last token"}
     publish_dir(tmp, out)
