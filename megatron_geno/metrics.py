@@ -66,7 +66,8 @@ class MetricsWriter:
     """Writes one JSON object per logged step to metrics.jsonl, and scalars to TensorBoard."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, wandb_mode: str = "off",
-                 wandb_project: str = "megatron-geno", config: Optional[dict] = None) -> None:
+                 wandb_project: str = "megatron-geno", config: Optional[dict] = None,
+                 quiet: bool = False) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self._file = self.path.open("a")
@@ -78,8 +79,10 @@ class MetricsWriter:
             except ImportError:
                 raise ConfigError(f"logging.wandb={wandb_mode} needs the wandb package "
                                   f"(pip install wandb)") from None
+            # logging.quiet: no banner or sync lines from wandb either
+            settings = wandb.Settings(silent=True) if quiet else None
             self._wandb = wandb.init(project=wandb_project, dir=str(run_dir), mode=wandb_mode,
-                                     config=config, name=run_dir.name)
+                                     config=config, name=run_dir.name, settings=settings)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -266,7 +266,8 @@ class TrainingRun:
         self.world = torch.distributed.get_world_size()
         self.expert_load = ExpertLoad(self.model)
         self.writer = (MetricsWriter(self.run_dir, cfg.logging.tensorboard, cfg.logging.wandb,
-                                     cfg.logging.wandb_project, cfg.to_dict())
+                                     cfg.logging.wandb_project, cfg.to_dict(),
+                                     quiet=cfg.logging.quiet)
                        if self.rank0 else None)
         self.stop = StopSignal(cfg.checkpoint.save_on_signal)
         self.async_saves = None

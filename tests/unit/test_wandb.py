@@ -24,3 +24,14 @@ def test_wandb_mode_is_checked():
 
     with pytest.raises(ConfigError, match="logging.wandb must be one of off, offline, online"):
         load_config(None, ["logging.wandb=yes"])
+
+
+def test_a_quiet_run_prints_no_wandb_banner(tmp_path, capfd):
+    for quiet in (False, True):
+        writer = MetricsWriter(tmp_path / str(quiet), tensorboard=False, wandb_mode="offline",
+                               wandb_project="megatron-geno-test", quiet=quiet)
+        writer.write({"step": 1, "loss": 2.5})
+        writer.close()
+        out = capfd.readouterr()
+        said = "wandb" in (out.out + out.err).lower()
+        assert said != quiet, (quiet, out.out[-500:], out.err[-500:])
