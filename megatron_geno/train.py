@@ -211,8 +211,8 @@ class TrainingRun:
         cfg, to_load = resume_target(cfg)
         # the stack, decided once, before any process group or module exists
         runtime = resolve(cfg, Machine.here(), int(os.environ.get("WORLD_SIZE", "1")))
+        check_context_parallel_kernel(cfg, runtime)  # (any device of the kind answers)
         distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
-        check_context_parallel_kernel(cfg, runtime)
         self.rank0 = distributed.rank() == 0
         self.lock = self._lock_checkpoint_dir(cfg)
         try:
