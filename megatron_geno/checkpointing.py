@@ -28,20 +28,18 @@ from megatron.core import dist_checkpointing
 from megatron_geno import without_te
 from megatron_geno.checkpoint import trust
 from megatron_geno.checkpoint.integrity import seal, structural_fault
-from megatron_geno.checkpoint.layout import (SavedRun, _seal_and_publish, checkpoint_bytes,
-                                             complete_checkpoints, config_changes,
-                                             iteration_dir, latest_iteration, open_for_loading,
-                                             read_common, read_saved_run, resolve_checkpoint_dir,
-                                             resume_point, resume_report, resume_target,
-                                             save_failed, saved_tokenizer, space_warning,
-                                             _tokenizer_key)
-from megatron_geno.checkpoint.state import (OPTIMIZER_METADATA, TE_KEY_ALIASES, TrainState,
-                                            _hyperparameters, _layout, _model_sharded_state_dict,
-                                            _num_optimizers, _restore_hyperparameters,
-                                            _restore_rng_state, _sharded_rng_state, _unwrap,
-                                            apply_model_weights, check_architecture,
-                                            load_model_weights, model_weights_request,
-                                            remap_optimizer_state, stored_keys)
+from megatron_geno.checkpoint.layout import (
+    SavedRun, checkpoint_bytes, complete_checkpoints, config_changes, iteration_dir,
+    latest_iteration, open_for_loading, read_common, read_saved_run, resolve_checkpoint_dir,
+    resume_point, resume_report, resume_target, save_failed, saved_tokenizer, seal_and_publish,
+    space_warning, tokenizer_key,
+)
+from megatron_geno.checkpoint.state import (
+    OPTIMIZER_METADATA, TE_KEY_ALIASES, TrainState, apply_model_weights, check_architecture,
+    hyperparameters, layout_record, load_model_weights, model_sharded_state_dict,
+    model_weights_request, num_optimizers, remap_optimizer_state, restore_hyperparameters,
+    restore_rng_state, sharded_rng_state, stored_keys, unwrap_chunks,
+)
 from megatron_geno.checkpoint.trust import CheckpointError
 from megatron_geno.config import TrainConfig
 
@@ -72,19 +70,19 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         tmp.mkdir(parents=True)
     torch.distributed.barrier()
     without_te.allocate_optimizer_state(optimizer)  # a checkpoint before the first step (iteration 0)
-    model_sd = _model_sharded_state_dict(model)
+    model_sd = model_sharded_state_dict(model)
     sharded = {
         "model": model_sd,
         "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
-        "rng_state": _sharded_rng_state(),
+        "rng_state": sharded_rng_state(),
         "scheduler": scheduler.state_dict(),
         "train_state": dataclasses.asdict(state),
         "model_config": dataclasses.asdict(cfg.model),
-        "layout": _layout(cfg, optimizer),
+        "layout": layout_record(cfg, optimizer),
         # the resolved stack that wrote it (runtime.Runtime): spec, experts, precision, ...
         "runtime": runtime.to_dict() if runtime is not None else None,
     }
-    finish = partial(_seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
+    finish = partial(seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
     try:
         if async_queue is None:
             dist_checkpointing.save(sharded, str(tmp))
@@ -111,18 +109,18 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
     weights_only = cfg.checkpoint.weights_only or saved_run.weights_only
     saved, now = saved_run.tokenizer, cfg.data.tokenizer
-    if not weights_only and _tokenizer_key(saved) != _tokenizer_key(now):
+    if not weights_only and tokenizer_key(saved) != tokenizer_key(now):
         raise CheckpointError(
             f"checkpoint {ckpt} was trained with data.tokenizer={saved} and this run says "
             f"data.tokenizer={now}: its token ids would mean other bases. A resume keeps the "
             f"tokenizer; to start a new run from these weights, add checkpoint.weights_only=true")
     saved_layout = {"virtual_pipeline": 1, **common.get("layout", {})}  # older: no such key
-    same_layout = saved_layout == _layout(cfg, optimizer)
+    same_layout = saved_layout == layout_record(cfg, optimizer)
     # experts get an optimizer of their own when EP > 1: across that change the optimizer's
     # non-tensor state (param groups, step) is rebuilt for the new chain (remap_optimizer_state);
     # its tensors (fp32 weights, Adam moments) are stored under layout-free keys and load as is
-    regrouped = saved_layout.get("optimizers", 1) != _num_optimizers(optimizer)
-    model_sd = model_weights_request(_unwrap(model), common, ckpt)
+    regrouped = saved_layout.get("optimizers", 1) != num_optimizers(optimizer)
+    model_sd = model_weights_request(unwrap_chunks(model), common, ckpt)
     sharded = {"model": model_sd}
     if not weights_only:
         without_te.allocate_optimizer_state(optimizer)
@@ -130,9 +128,9 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
             model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
         )
         if same_layout:
-            sharded["rng_state"] = _sharded_rng_state()
+            sharded["rng_state"] = sharded_rng_state()
     loaded = trust.trusted_load(sharded, ckpt)
-    apply_model_weights(_unwrap(model), loaded["model"], common, ckpt)
+    apply_model_weights(unwrap_chunks(model), loaded["model"], common, ckpt)
     if weights_only:
         log.info("%s", resume_report(saved_run, cfg, ["weights"], "fresh optimizer, schedule "
                                      "and data position"))
@@ -140,14 +138,14 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
     if regrouped:
         loaded["optimizer"] = remap_optimizer_state(loaded["optimizer"], optimizer,
                                                     common["optimizer"])
-    own = _hyperparameters(optimizer)
+    own = hyperparameters(optimizer)
     optimizer.load_state_dict(loaded["optimizer"])
-    _restore_hyperparameters(optimizer, own)
+    restore_hyperparameters(optimizer, own)
     without_te.unshare_adam_steps(optimizer)
     without_te.set_adam_kernel(optimizer, fused_adam)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:
-        _restore_rng_state(loaded["rng_state"])
+        restore_rng_state(loaded["rng_state"])
     state = TrainState(**loaded["train_state"])
     carried = ["weights", "Adam moments" + (" (regrouped for this layout's optimizers)"
                                             if regrouped else ""),

@@ -259,7 +259,7 @@ class _SealFailed(RuntimeError):
     """Rank 0 could not write the seal, the config or ``latest``; raised on every rank."""
 
 
-def _seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str) -> None:
+def seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str) -> None:
     """After every rank has written its part of tmp: checksums, then (rank 0) the rename to final
     and ``latest``. A failed write on rank 0 is raised on every rank (_SealFailed), so that all
     of them leave the save alike."""
@@ -324,7 +324,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _tokenizer_key(spec: str) -> str:
+def tokenizer_key(spec: str) -> str:
     """data.tokenizer with the built-in's aliases made one (geno = geno:upper)."""
     from megatron_geno.tokenizer import GENO_SPECS
 

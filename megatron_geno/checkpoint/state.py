@@ -32,7 +32,7 @@ class TrainState:
     consumed_samples: int = 0
 
 
-def _sharded_rng_state() -> ShardedObject:
+def sharded_rng_state() -> ShardedObject:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     state = {
         "cpu": torch.get_rng_state(),
@@ -42,7 +42,7 @@ def _sharded_rng_state() -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -94,7 +94,7 @@ def _inner_optimizers(optimizer) -> list:
             if sub.optimizer is not None]
 
 
-def _hyperparameters(optimizer) -> list[list[dict]]:
+def hyperparameters(optimizer) -> list[list[dict]]:
     """Each param group's settings (betas, eps, max_lr, min_lr, multipliers ...) as this run
     built them, without its parameters and step count."""
     return [[{k: v for k, v in group.items() if k not in ("params", "step")}
@@ -102,7 +102,7 @@ def _hyperparameters(optimizer) -> list[list[dict]]:
             for inner in _inner_optimizers(optimizer)]
 
 
-def _restore_hyperparameters(optimizer, own: list[list[dict]]) -> None:
+def restore_hyperparameters(optimizer, own: list[list[dict]]) -> None:
     """Puts this run's settings back into the param groups a load replaced with the saved ones:
     on resume what the user passes now wins (optimizer.* and schedule.*; the scheduler sets lr
     and weight decay from them at every step); only the step count and the tensors are the
@@ -112,14 +112,14 @@ def _restore_hyperparameters(optimizer, own: list[list[dict]]) -> None:
             group.update(settings)
 
 
-def _num_optimizers(optimizer) -> int:
+def num_optimizers(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _layout(cfg: TrainConfig, optimizer) -> dict:
+def layout_record(cfg: TrainConfig, optimizer) -> dict:
     p = cfg.parallel
     return {
-        "optimizers": _num_optimizers(optimizer),  # experts get their own optimizer when EP > 1
+        "optimizers": num_optimizers(optimizer),  # experts get their own optimizer when EP > 1
         "tensor_parallel": p.tensor_parallel,
         "pipeline_parallel": p.pipeline_parallel,
         "virtual_pipeline": p.virtual_pipeline,
@@ -139,7 +139,7 @@ OPTIMIZER_METADATA = {
 }
 
 
-def _unwrap(model) -> list:
+def unwrap_chunks(model) -> list:
     """Returns the GPTModel chunks inside megatron-core's DDP wrappers (keys without 'module.')."""
     return [getattr(chunk, "module", chunk) for chunk in model]
 
@@ -185,9 +185,9 @@ def stored_keys(ckpt: Path) -> set:
     return {key.split("/shard_")[0] for key in trust.read_dcp_metadata(ckpt).state_dict_metadata}
 
 
-def _model_sharded_state_dict(model) -> dict:
+def model_sharded_state_dict(model) -> dict:
     """The model's sharded state dict as saved: the local spec's keys, whichever spec built it."""
-    return _per_chunk(_unwrap(model),
+    return _per_chunk(unwrap_chunks(model),
                       lambda chunk: _rename_keys(chunk.sharded_state_dict(), TE_KEY_ALIASES))
 
 
