@@ -20,14 +20,15 @@ LOCAL_NAME = "decoder.layers.mlp.linear_fc1.layer_norm_weight"
 DRIVER = """
 import sys
 from megatron.core.models.gpt import GPTModel
-from megatron_geno import checkpointing, cli
+from megatron_geno import cli
+from megatron_geno.checkpoint import state
 
-te_names = {local: te for te, local in checkpointing.TE_KEY_ALIASES.items()}
+te_names = {local: te for te, local in state.TE_KEY_ALIASES.items()}
 spec_state = GPTModel.sharded_state_dict
-GPTModel.sharded_state_dict = lambda self, *a, **k: checkpointing._rename_keys(
+GPTModel.sharded_state_dict = lambda self, *a, **k: state._rename_keys(
     spec_state(self, *a, **k), te_names)
 if sys.argv[1] == "as-written-before":
-    checkpointing.TE_KEY_ALIASES = {}
+    state.TE_KEY_ALIASES = {}
 sys.exit(cli.main(sys.argv[2:]))
 """
 
