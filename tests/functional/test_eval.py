@@ -333,7 +333,7 @@ def test_eval_settings_are_checked_before_training(env, tmp_path):
             ([f"eval.variants={env['vcf']}"], "eval.variants (a VCF) and eval.reference"),
             ([f"eval.variants={tmp_path / 'none.vcf'}", f"eval.reference={env['ref']}"],
              "none.vcf does not exist"),
-            (["eval.corpora=[nowhere]"], "corpus nowhere")):
+            (["eval.corpora=[nowhere]"], "eval.corpora: nowhere/manifest.json does not exist")):
         code, stderr = geno_train_error(tmp_path / "run", "schedule.eval_interval=5", *overrides)
         lines = [line for line in stderr.splitlines() if line.startswith("geno-train: error:")]
         assert code == 2 and len(lines) == 1 and expected in lines[0], stderr[-2000:]
