@@ -84,16 +84,9 @@ _OPTIONS = {"policy.soft_mask": "--soft-mask", "policy.split_n_run": "--split-n-
 def differing_options(before: dict, now: dict) -> str:
     """'--min-length 64 -> 100; --codec dna2bit -> zstd': the options two corpus configs differ
     in, as geno-preprocess run takes them."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
+    from megatron_geno.config import flat_keys
 
-    a, b = flat(before), flat(now)
+    a, b = flat_keys(before), flat_keys(now)
     return "; ".join(f"{_OPTIONS.get(k, k)} {a.get(k)!r} -> {b.get(k)!r}"
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 

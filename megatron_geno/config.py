@@ -231,6 +231,17 @@ def parse_yaml(text: str, what: str) -> Any:
         raise ConfigError(f"{what} is not valid YAML{where}: {problem}") from None
 
 
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """{'a.b.c': value} for every leaf of a nested mapping (a config, a corpus's options)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _shown(key: str) -> str:
     """A key as a message shows it: as written, or quoted (repr) when it holds anything but
     letters, digits, '_', '-' and '.' (a newline would break the one-line error)."""

@@ -30,7 +30,7 @@ import torch
 
 from megatron_geno.checkpoint import integrity, trust
 from megatron_geno.checkpoint.trust import CheckpointError
-from megatron_geno.config import TrainConfig
+from megatron_geno.config import TrainConfig, flat_keys
 from megatron_geno.files import free_bytes, out_of_space, publish_dir, write_text_atomic
 from megatron_geno.units import format_bytes
 
@@ -314,16 +314,6 @@ def read_common(ckpt: Path) -> dict:
 _ROUTINE_KEYS = ("checkpoint.load", "checkpoint.save", "logging.run_dir", "data.cache_dir")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def tokenizer_key(spec: str) -> str:
     """data.tokenizer with the built-in's aliases made one (geno = geno:upper)."""
     from megatron_geno.tokenizer import GENO_SPECS
@@ -340,8 +330,8 @@ def saved_tokenizer(ckpt: Path) -> str:
 def config_changes(saved_run: SavedRun, cfg: TrainConfig) -> list[str]:
     """'key: saved -> now' for every config value that differs from the one the checkpoint was
     saved with (its config.yaml; empty when it has none)."""
-    saved = _flatten(saved_run.config)
-    now = _flatten(cfg.to_dict())
+    saved = flat_keys(saved_run.config)
+    now = flat_keys(cfg.to_dict())
     return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(saved) | set(now))
             if key not in _ROUTINE_KEYS and saved.get(key) != now.get(key) and key in saved]
 
