@@ -4,11 +4,15 @@ line naming the key and the range, exit 2, before any model is built."""
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 
 from megatron_geno.config import CHOICES, RANGES, ConfigError, TrainConfig, load_config
-from tests.faults.helpers import error_line, train
+from tests.faults.helpers import error_line, train, tree
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BAD = {
     "data.seq_length=0": "data.seq_length must be >= 2",
@@ -143,7 +147,10 @@ def test_data_that_cannot_be_read_is_refused_before_megatron_core_is_imported(tm
         code = ("import sys\nfrom megatron_geno.cli import main\n"
                 f"rc = main(['--preset', 'tiny', *{overrides!r}])\n"
                 "print(rc, 'megatron.core' in sys.modules, 'torch' in sys.modules)")
+        before = tree(tmp_path)
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, cwd=tmp_path,  # the default run directory is here
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
         assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr[-2000:]
         assert expected in proc.stderr, proc.stderr
+        assert tree(tmp_path) == before  # refused before anything is written
