@@ -139,20 +139,27 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
-    from data_pipeline.corpus_manifest import finalize
+    from data_pipeline.corpus_manifest import finalize, incomplete_hint
+    from data_pipeline.errors import PipelineError
 
     if args.command == "run":
         return _run(args)
     if args.command == "finalize":
         manifest = finalize(Path(args.corpus))
+        if not manifest["complete"]:
+            raise PipelineError(incomplete_hint(Path(args.corpus), manifest))
         print(f"wrote {args.corpus}/manifest.json: {len(manifest['assemblies'])} assemblies, "
               f"{manifest['totals']['tokens']:,d} tokens")
         return 0
     if args.command == "stats":
         from data_pipeline.corpus import Corpus, stats_table
 
-        print(stats_table(Corpus(args.corpus)))
-        return 0
+        corpus = Corpus(args.corpus, incomplete_ok=True)
+        print(stats_table(corpus))
+        if corpus.complete:
+            return 0
+        print(f"geno-preprocess: {incomplete_hint(corpus.path, corpus.manifest)}", file=sys.stderr)
+        return 1
     if args.command == "verify":
         from data_pipeline.verify import verify_corpus
 
@@ -220,25 +227,44 @@ def _run(args) -> int:
 
 
 def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
-    from data_pipeline.corpus_manifest import finalize, prepare_out
+    from data_pipeline.corpus_manifest import (finalize, incomplete_hint, prepare_out,
+                                               record_outcomes)
+    from data_pipeline.errors import PipelineError
     from data_pipeline.pipeline import run
 
     prepare_out(out, config, assemblies, args.force, args.only_listed)
     # no more worker processes than assemblies to give them
     results = run(mine, out, config, min(args.workers, max(len(mine), 1)), args.force,
                   args.read_chunk)
+    record_outcomes(out, config, mine, results)
     failed = [(name, info["message"]) for name, status, info in results if status == "error"]
     done = {s: sum(1 for _, st, _ in results if st == s) for s in ("written", "skipped")}
     print(f"{len(mine)} assemblies: {done['written']} written, {done['skipped']} already done, "
           f"{len(failed)} failed", file=sys.stderr)
     for name, message in failed:
         print(f"geno-preprocess: error: {message}", file=sys.stderr)
-    if failed:
-        return 2
     if args.no_finalize or len(mine) < len(assemblies):
+        if failed:
+            print(f"geno-preprocess: the failures are recorded in {out}/failures; "
+                  f"`geno-preprocess finalize {out}` after every task lists them in the manifest",
+                  file=sys.stderr)
+            return 2
         print(f"task done; run `geno-preprocess finalize {out}` after every task", file=sys.stderr)
         return 0
-    manifest = finalize(out)
+    try:
+        manifest = finalize(out)
+    except OSError as err:
+        if not failed:
+            raise
+        # (a full disk: the assembly's own line above says so)
+        print(f"geno-preprocess: {out}/manifest.json could not be written ({err.strerror}); a "
+              f"rerun of the same command retries the failed assemblies", file=sys.stderr)
+        return 2
+    if not manifest["complete"]:  # the manifest lists what is missing; the hint, the way on
+        if not failed:
+            raise PipelineError(incomplete_hint(out, manifest))
+        print(f"geno-preprocess: {incomplete_hint(out, manifest)}", file=sys.stderr)
+        return 2
     t = manifest["totals"]
     if not t["tokens"]:
         policy = config.policy

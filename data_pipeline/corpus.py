@@ -15,11 +15,19 @@ from data_pipeline.token_reader import Part
 
 
 class Corpus:
-    """A corpus directory with manifest.json; parts open lazily."""
+    """A corpus directory with manifest.json; parts open lazily.
 
-    def __init__(self, path: str | Path):
+    An incomplete corpus (an assembly failed or not written yet) is refused unless
+    incomplete_ok, which `stats` uses to show what is there and what is missing.
+    """
+
+    def __init__(self, path: str | Path, incomplete_ok: bool = False):
         self.path = Path(path)
-        self.manifest = read_manifest_json(self.path)
+        self.manifest = read_manifest_json(self.path, incomplete_ok)
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest.get("complete", True) is True
 
     @property
     def assemblies(self) -> list[dict]:
@@ -119,6 +127,11 @@ def stats_table(corpus: Corpus) -> str:
     rows.append("tokens, valid, test: tokens written (one EOD per document included); N% and "
                 "lower%: of the source bases (every base of the FASTA, dropped pieces too); GC%: "
                 "of the source's A, C, G, T")
+    if not corpus.complete:  # what is missing, each with why
+        rows.append("")
+        rows.extend(f"{f['assembly']:<24} FAILED: {f['message']}"
+                    for f in corpus.manifest.get("failed", []))
+        rows.extend(f"{name:<24} not written yet" for name in corpus.manifest.get("unwritten", []))
     return "\n".join(rows)
 
 

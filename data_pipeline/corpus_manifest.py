@@ -6,7 +6,10 @@ Corpus layout::
     OUT/run.json              the pipeline config, its hash, and every assembly of the manifest
     OUT/shards/<assembly>/    one zarr group per assembly (parts inside; see data_pipeline.shard_format)
     OUT/shards/.<id>.tmp/     an assembly being written (deleted and redone on rerun)
-    OUT/manifest.json         written by finalize: shards, token/document counts, splits
+    OUT/failures/<id>.json    why an assembly's last attempt failed (removed once it is written)
+    OUT/manifest.json         written by finalize: shards, token/document counts, splits; while
+                              an assembly is failed or unwritten it says "complete": false, lists
+                              them, and every reader but `stats` refuses it
 """
 
 from __future__ import annotations
@@ -91,14 +94,50 @@ def differing_options(before: dict, now: dict) -> str:
                      for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
 
 
+def record_outcomes(out: Path, config: PipelineConfig, assemblies: list[Assembly],
+                    results: list[tuple[str, str, dict]]) -> None:
+    """Keeps why each failed assembly failed in OUT/failures/<id>.json (for finalize and stats,
+    also when another task of an array runs them); an assembly written since loses its record."""
+    by_name = {a.assembly: a for a in assemblies}
+    folder = out / "failures"
+    for name, status, info in results:
+        record = folder / f"{name}.json"
+        try:
+            if status == "error":
+                folder.mkdir(exist_ok=True)
+                write_json(record, {"assembly": name, "source": by_name[name].path,
+                                    "assembly_hash": assembly_hash(config, by_name[name]),
+                                    "message": info["message"]})
+            else:
+                record.unlink(missing_ok=True)
+        except OSError as err:  # (a full disk: the run's own error line says so)
+            log.debug("cannot update %s: %s", record, err)
+
+
+def _failure(out: Path, assembly: Assembly, expected_hash: str) -> str | None:
+    """The recorded reason this assembly (as it is now configured) failed, if any."""
+    try:
+        record = json.loads((out / "failures" / f"{assembly.assembly}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("assembly_hash") != expected_hash:
+        return None  # a record of an earlier source or config
+    return str(record.get("message", "failed"))
+
+
 def finalize(out: Path) -> dict:
-    """Writes OUT/manifest.json once every assembly of run.json is finished; returns it."""
+    """Writes OUT/manifest.json and returns it.
+
+    When every assembly of run.json is written the manifest is complete. Otherwise it says
+    "complete": false and lists the failed assemblies (with their messages) and the ones not
+    written yet; readers refuse it (see `incomplete_hint`) and `stats` shows it.
+    """
     try:
         run = json.loads((out / "run.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise PipelineError(f"{out}/run.json: unreadable ({err}); run geno-preprocess run first")
     config = PipelineConfig.from_dict(run["config"])
-    entries, missing = [], []
+    entries, failed, unwritten = [], [], []
     for row in sorted(run["assemblies"], key=lambda r: r["assembly"]):  # (older run.json files)
         assembly = Assembly(**row)
         group = out / "shards" / assembly.assembly
@@ -106,8 +145,14 @@ def finalize(out: Path) -> dict:
             attrs = read_attrs(group) if (group / "zarr.json").exists() else {}
         except ShardError:
             attrs = {}  # damaged: not finished
-        if attrs.get("assembly_hash") != assembly_hash(config, assembly):
-            missing.append(assembly.assembly)
+        expected = assembly_hash(config, assembly)
+        if attrs.get("assembly_hash") != expected:
+            message = _failure(out, assembly, expected)
+            if message is None:
+                unwritten.append(assembly.assembly)
+            else:
+                failed.append({"assembly": assembly.assembly, "source": assembly.path,
+                               "message": message})
             continue
         entries.append({
             **{k: attrs[k] for k in ("assembly", "sample", "haplotype", "species")},
@@ -117,12 +162,6 @@ def finalize(out: Path) -> dict:
             "parts": attrs["parts"],
             "stats": attrs["stats"],
         })
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise PipelineError(f"{len(missing)} of {len(run['assemblies'])} assemblies are not "
-                            f"finished ({shown}); run the remaining tasks (or run again with "
-                            f"--only-listed to leave out what this run does not name), then "
-                            f"finalize")
     totals = {"tokens": 0, "documents": 0, "split_tokens": {s: 0 for s in SPLITS},
               "split_documents": {s: 0 for s in SPLITS}}
     for entry in entries:
@@ -132,27 +171,72 @@ def finalize(out: Path) -> dict:
             for s in SPLITS:
                 totals["split_tokens"][s] += part["split_tokens"][s]
                 totals["split_documents"][s] += part["split_documents"][s]
+    complete = not failed and not unwritten
     manifest = {
         "format_version": FORMAT_VERSION,
         "config": run["config"],
         "config_hash": run["config_hash"],
-        "content_hash": sha([e["assembly_hash"] for e in entries]),
+        "complete": complete,
+        # what a complete corpus holds; an incomplete one has none (nothing may train on it)
+        "content_hash": sha([e["assembly_hash"] for e in entries]) if complete else None,
         "tokenizer": {"name": "geno", "version": TOKENIZER_VERSION, "vocab_size": len(VOCAB)},
         "totals": totals,
         "assemblies": entries,
     }
+    if not complete:
+        manifest["failed"] = failed
+        manifest["unwritten"] = unwritten
     write_json(out / "manifest.json", manifest)
+    _drop_stale_failures(out, {f["assembly"] for f in failed})
     return manifest
+
+
+def _drop_stale_failures(out: Path, failed: set[str]) -> None:
+    """Removes failure records of assemblies written since or no longer in the corpus."""
+    folder = out / "failures"
+    if not folder.is_dir():
+        return
+    for record in folder.glob("*.json"):
+        if record.stem not in failed:
+            record.unlink(missing_ok=True)
+    try:
+        folder.rmdir()  # only when empty
+    except OSError:
+        pass
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def incomplete_hint(corpus: Path, manifest: dict) -> str:
+    """One line for a corpus that is not complete: what is missing and the one way on."""
+    failed = [f["assembly"] for f in manifest.get("failed", [])]
+    unwritten = list(manifest.get("unwritten", []))
+    total = len(manifest["assemblies"]) + len(failed) + len(unwritten)
+    what = []
+    if failed:
+        what.append(f"{len(failed)} of {total} assemblies failed ({_names(failed)})")
+    if unwritten:
+        what.append(f"{len(unwritten)} of {total} are not written yet ({_names(unwritten)})")
+    fix = ("fix the failed inputs (`geno-preprocess stats` shows each error) and rerun "
+           "`geno-preprocess run` with the same options, or rerun naming only the inputs to "
+           "keep with --only-listed" if failed else
+           "run the remaining array tasks (each skips what is done), then "
+           f"`geno-preprocess finalize {corpus}`")
+    return (f"{corpus} is incomplete: {' and '.join(what)}; nothing trains on it until it is "
+            f"complete: {fix} (finished assemblies are kept)")
 
 
 _ENTRY_PATH = re.compile(r"^shards/[A-Za-z0-9][A-Za-z0-9._#+-]*$")
 _PART_NAME = re.compile(r"^part-[0-9]{5}$")
 
 
-def read_manifest_json(corpus: Path) -> dict:
+def read_manifest_json(corpus: Path, incomplete_ok: bool = False) -> dict:
     """Returns a finished corpus's manifest.json, checked; a clear error when missing or bad.
 
-    Every path it names must stay inside the corpus (shards/<assembly>/part-NNNNN).
+    Every path it names must stay inside the corpus (shards/<assembly>/part-NNNNN). An
+    incomplete corpus is refused unless incomplete_ok (`stats`, which shows what is missing).
     """
     path = Path(corpus) / "manifest.json"
     try:
@@ -174,4 +258,6 @@ def read_manifest_json(corpus: Path) -> dict:
         manifest["totals"]["split_tokens"]
     except (KeyError, TypeError, AttributeError) as err:
         raise PipelineError(f"{path} is not a corpus manifest (missing {err})") from None
+    if manifest.get("complete", True) is not True and not incomplete_ok:  # (older: no key)
+        raise PipelineError(incomplete_hint(Path(corpus), manifest))
     return manifest

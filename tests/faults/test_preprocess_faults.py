@@ -318,3 +318,71 @@ def test_an_empty_split_is_warned(fastas, tmp_path):
     assert "has an empty train split: every document is held out" in proc.stderr, proc.stderr
     proc = preprocess("run", "--out", str(tmp_path / "all"), str(fastas[0]))
     assert proc.returncode == 0 and "has an empty valid split" in proc.stderr, proc.stderr
+
+
+def test_a_failed_assembly_is_listed_in_the_manifest_with_one_way_on(fastas, tmp_path):
+    """One bad input of three: the two others are written, manifest.json says the corpus is
+    incomplete and why, `stats` shows it, every reader refuses it with the same hint (which never
+    leads back to itself), and fixing the input completes the corpus as one clean run would."""
+    from tests.faults.helpers import train
+
+    bad = tmp_path / "a1.fa"
+    good_a1 = bad.read_bytes()
+    bad.write_bytes(b">chr1\nACGTUACGT\n")
+    corpus = tmp_path / "corpus"
+    proc = preprocess("run", "--out", str(corpus), *map(str, fastas))
+    line = error_line(proc)
+    assert f"{bad}: line 2" in line and "RNA" in line, line
+    hint = [x for x in proc.stderr.splitlines() if "is incomplete" in x]
+    assert len(hint) == 1 and "1 of 3 assemblies failed (a1)" in hint[0], proc.stderr
+    assert "rerun `geno-preprocess run`" in hint[0] and "finalize" not in hint[0], hint[0]
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["content_hash"] is None
+    assert [a["assembly"] for a in manifest["assemblies"]] == ["a0", "a2"]
+    assert manifest["failed"] == [{"assembly": "a1", "source": str(bad), "message": line.split(
+        "error: ", 1)[1]}]
+
+    stats = preprocess("stats", str(corpus))
+    assert stats.returncode == 1 and "a1" in stats.stdout and "FAILED" in stats.stdout
+    assert "a0" in stats.stdout and hint[0].split(": ", 1)[1] in stats.stderr
+    before = tree(corpus)
+    for command in (("finalize", str(corpus)), ("verify", str(corpus)),
+                    ("export-megatron", str(corpus), "--prefix", str(tmp_path / "x"))):
+        line = error_line(preprocess(*command))
+        assert "1 of 3 assemblies failed (a1)" in line and "rerun `geno-preprocess run`" in line
+    line = error_line(train(tmp_path / "run", "schedule.train_iters=2", "schedule.eval_interval=0",
+                            "data.seq_length=64", "data.source=zarr", f"data.blend=[{corpus}]"))
+    assert "is incomplete" in line and "(a1)" in line, line
+    assert tree(corpus) == before  # refusals write nothing
+
+    bad.write_bytes(good_a1)
+    assert preprocess("run", "--out", str(corpus), *map(str, fastas)).returncode == 0
+    clean = tmp_path / "clean"
+    assert preprocess("run", "--out", str(clean), *map(str, fastas)).returncode == 0
+    assert not (corpus / "failures").exists()
+    assert tree(corpus / "shards") == tree(clean / "shards")
+    fixed = json.loads((corpus / "manifest.json").read_text())
+    assert fixed["complete"] is True
+    assert fixed["content_hash"] == json.loads((clean / "manifest.json").read_text())["content_hash"]
+
+
+def test_a_failed_array_task_is_listed_by_finalize_and_dropping_the_input_completes(fastas,
+                                                                                    tmp_path):
+    bad = tmp_path / "a2.fa"
+    bad.write_bytes(b">chr1\n")  # an empty record
+    corpus = tmp_path / "corpus"
+    for task in (0, 1, 2):
+        proc = preprocess("run", "--out", str(corpus), "--task-index", str(task), "--num-tasks",
+                          "3", *map(str, fastas))
+        if task == 2:
+            assert str(bad) in error_line(proc)
+            assert f"{corpus}/failures" in proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stderr[-2000:]
+    line = error_line(preprocess("finalize", str(corpus)))
+    assert "1 of 3 assemblies failed (a2)" in line, line
+    assert json.loads((corpus / "manifest.json").read_text())["failed"][0]["assembly"] == "a2"
+    proc = preprocess("run", "--out", str(corpus), "--only-listed", *map(str, fastas[:2]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert manifest_assemblies(corpus) == ["a0", "a1"] and not (corpus / "failures").exists()
+    assert json.loads((corpus / "manifest.json").read_text())["complete"] is True
