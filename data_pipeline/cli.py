@@ -83,9 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="zstd / blosc level (1); dna2bit has none")
     layout.add_argument("--read-chunk", type=_size, default=_size("4M"),
                         help="decompressed bytes read at a time (4M); bounds memory")
-    fin = sub.add_parser("finalize", help="write manifest.json once every assembly is finished")
+    fin = sub.add_parser("finalize", help="write manifest.json: complete when every assembly is "
+                         "written, else listing the failed and unwritten ones (exit 2)")
     fin.add_argument("corpus")
-    stats = sub.add_parser("stats", help="per-assembly table: tokens, documents, splits, N, GC")
+    stats = sub.add_parser("stats", help="per-assembly table: tokens, documents, splits, N, GC; "
+                           "an incomplete corpus's failures too (exit 1)")
     stats.add_argument("corpus")
     verify = sub.add_parser("verify", help="check random windows bit-exact against the sources")
     verify.add_argument("corpus")

@@ -143,7 +143,9 @@ def test_bad_input_is_one_error_line_and_keeps_other_assemblies(tmp_path, capsys
     assert len(errors) == 1 and str(bad) in errors[0] and expected in errors[0], errors
     shards = tmp_path / "out" / "shards"
     assert sorted(p.name for p in shards.iterdir()) == ["good"]  # no partial or temporary group
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    written = json.loads((tmp_path / "out" / "manifest.json").read_text())  # lists the failure
+    assert written["complete"] is False and [a["assembly"] for a in written["assemblies"]] == ["good"]
+    assert [(f["assembly"], expected in f["message"]) for f in written["failed"]] == [("bad", True)]
 
 
 def test_bad_options_name_the_option(tmp_path, capsys):
@@ -224,7 +226,8 @@ def test_array_tasks_and_workers_give_the_same_bytes_as_one_process(tmp_path, ca
                        "--num-tasks", 3) == 0
         if task == 1:
             assert run_cli("finalize", tmp_path / "arr") == 2
-            assert "not finished" in capsys.readouterr().err
+            err = capsys.readouterr().err
+            assert "not written yet" in err and "run the remaining array tasks" in err
     assert run_cli("finalize", tmp_path / "arr") == 0
     one = tree_bytes(tmp_path / "one")
     assert tree_bytes(tmp_path / "par") == one
