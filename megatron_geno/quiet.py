@@ -4,6 +4,8 @@ Each entry was seen on this project's own paths and says nothing a user can act 
 noting that Transformer Engine / apex are absent (the pip-only path expects that), deprecations
 inside megatron-core and torch, megatron-core's own note that zeroing fp32 shard groups touches
 non-leaf .grad (distrib_optimizer.py says so itself), and its rerun state machine's start-up lines.
+htslib's own `[E::...]` / `[W::...]` lines (pysam) are silenced where pysam is imported
+(`megatron_geno.evaluation.models.pysam_module`): our error line says the same in words.
 """
 
 from __future__ import annotations
@@ -31,8 +33,16 @@ QUIET_LOGGERS = ("megatron", "megatron.core", "megatron.core.rerun_state_machine
                  "megatron.core.datasets")
 
 
+_VERBOSE = [False]  # what the running tool's --verbose said
+
+
+def is_verbose() -> bool:
+    return _VERBOSE[0]
+
+
 def quiet_known_warnings(verbose: bool = False) -> None:
     """Hides KNOWN_WARNINGS and megatron-core's chatty loggers, unless verbose."""
+    _VERBOSE[0] = bool(verbose)
     if verbose:
         return
     for text in KNOWN_WARNINGS:

@@ -29,6 +29,12 @@ def pysam_module():
     except ImportError:
         raise EvalError("geno-eval variants and embed read VCF, BCF and FASTA with pysam: pip "
                         "install 'megatron-geno[eval]'") from None
+    from megatron_geno.quiet import is_verbose
+
+    # htslib writes its own lines ("[E::fai_build3_core] Cannot index files compressed with
+    # gzip") to stderr before pysam raises; the EvalError we raise says it in words. 3 is
+    # htslib's default.
+    pysam.set_verbosity(3 if is_verbose() else 0)
     return pysam
 
 

@@ -3,6 +3,7 @@ checkpoint (1 process, TP=2, PP=2) and from its HuggingFace export; variant scor
 computation with transformers; variants the generating chain finds improbable score low; bad
 input is one line and exit code 2."""
 
+import gzip
 import json
 import math
 import subprocess
@@ -247,6 +248,14 @@ def test_bad_input_is_one_line_and_exit_2(env, tmp_path):
     assert "not indexed" in error_line(geno_eval(
         "variants", "--hf", env["hf"], "--vcf", packed, "--reference", env["ref"],
         "--out", tmp_path / "o.tsv", check=False))
+    gzipped = tmp_path / "ref.fa.gz"  # plain gzip: htslib cannot index it
+    gzipped.write_bytes(gzip.compress(Path(env["ref"]).read_bytes()))
+    args = ("variants", "--hf", env["hf"], "--vcf", env["parity"], "--reference", gzipped,
+            "--out", tmp_path / "o.tsv")
+    proc = geno_eval(*args, check=False)
+    assert "bgzip" in error_line(proc) and "[E::" not in proc.stderr, proc.stderr
+    loud = geno_eval(*args, "--verbose", check=False)  # htslib's own lines on request
+    assert "[E::fai_build3_core]" in loud.stderr and error_line(loud) == error_line(proc)
     pysam.tabix_index(str(packed), preset="vcf", force=True)  # indexed: read contig by contig
     geno_eval("variants", "--hf", env["hf"], "--vcf", packed, "--reference", env["ref"],
               "--window", WINDOW, "--out", tmp_path / "packed.tsv")
