@@ -51,6 +51,18 @@ def quiet_known_warnings(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# megatron-core's advice for overlapping tensor-parallel communication with the backward pass
+# (tensor_parallel/layers.py). It is for training on CUDA; launch/torchrun.sh sets the variable.
+STREAM_ORDER_NOTE = "environment variable CUDA_DEVICE_MAX_CONNECTIONS to 1"
+
+
+def hide_stream_order_note() -> None:
+    """Hides STREAM_ORDER_NOTE (unless --verbose) where it cannot apply: on CPU, and in
+    geno-eval, which runs no backward pass."""
+    if not _VERBOSE[0]:
+        warnings.filterwarnings("ignore", message=f".*{STREAM_ORDER_NOTE}")
+
+
 def add_verbose(parser, subcommands=None) -> None:
     """``--verbose`` on a tool and on each of its subcommands, so that it works before or after
     the subcommand's name (``geno-convert --verbose inspect X`` and ``geno-convert inspect X

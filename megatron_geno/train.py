@@ -22,7 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank
 
-from megatron_geno import distributed, without_te
+from megatron_geno import distributed, quiet, without_te
 from megatron_geno.arithmetic import flops_per_token, resolve_padded_vocab
 from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
@@ -212,6 +212,8 @@ class TrainingRun:
         # the stack, decided once, before any process group or module exists
         runtime = resolve(cfg, Machine.here(), int(os.environ.get("WORLD_SIZE", "1")))
         check_context_parallel_kernel(cfg, runtime)  # (any device of the kind answers)
+        if not runtime.cuda:
+            quiet.hide_stream_order_note()  # (a CUDA setting)
         distributed.initialize(cfg, cfg.schedule.seed)  # checks the layout first
         self.rank0 = distributed.rank() == 0
         self.lock = self._lock_checkpoint_dir(cfg)

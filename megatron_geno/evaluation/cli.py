@@ -140,6 +140,9 @@ def run(args) -> int:
                            args.pipeline_parallel, args.context_parallel)  # before torch
         _check_outputs(args)
         from megatron_geno.evaluation.models import open_model
+        from megatron_geno.quiet import hide_stream_order_note
+
+        hide_stream_order_note()  # (advice for the backward pass; eval runs none)
 
         if args.command == "embed":  # inputs first: no model is loaded for a bad FASTA
             from megatron_geno.evaluation.embed import read_sequences
