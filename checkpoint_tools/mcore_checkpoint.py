@@ -1,4 +1,7 @@
-"""Read a geno-train torch_dist checkpoint a slice at a time, without building the model."""
+"""Read a geno-train torch_dist checkpoint a slice at a time, without building the model.
+
+Opening one (common state, tensor shapes: `geno-convert inspect`) needs torch alone; reading a
+whole tensor goes through megatron-core's loader, imported then, with a one-process group."""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import torch
 
 from checkpoint_tools.errors import ConversionError  # noqa: F401 - re-exported
 from megatron_geno.checkpoint import trust
-from megatron_geno.checkpointing import (TE_KEY_ALIASES, CheckpointError, open_for_loading,
-                                         resolve_checkpoint_dir)
+from megatron_geno.checkpoint.layout import (TE_KEY_ALIASES, open_for_loading,
+                                             resolve_checkpoint_dir)
+from megatron_geno.checkpoint.trust import CheckpointError
 from megatron_geno.config import ModelConfig
 
 
@@ -59,13 +63,16 @@ class McoreCheckpoint:
         """
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+        from megatron_geno.checkpoint.strategy import trusted_load
+
         if key not in self.shapes:
             raise ConversionError(f"{self.path}: tensor {key} is missing from the checkpoint")
+        init_single_process()
         data = torch.empty(self.shapes[key], dtype=self.dtypes[key])
         stored = self.stored.get(key, key)
         request = {key: ShardedTensor.from_rank_offsets(stored, data, replica_id=0)}
         try:
-            loaded = trust.trusted_load(request, self.path, validate_access_integrity=False)
+            loaded = trusted_load(request, self.path, validate_access_integrity=False)
         except CheckpointError as err:
             raise ConversionError(f"cannot read tensor {key}: {err}") from err
         return loaded[key]
@@ -91,20 +98,20 @@ class McoreCheckpoint:
 
 def open_checkpoint(path: str | Path, iteration: Optional[int] = None,
                     verify_checksums: bool = True) -> McoreCheckpoint:
-    """Returns the checkpoint's common state and tensor shapes (reads no tensor data).
+    """Returns the checkpoint's common state and tensor shapes (reads no tensor data, imports
+    no megatron-core and starts no process group).
 
     The checkpoint passes the trust boundary first: restricted metadata, then (unless
     verify_checksums is False) every stored byte against its checksum.
     """
-    init_single_process()
     try:
         ckpt = resolve_checkpoint_dir(path, iteration, fallback=False)
         common = open_for_loading(ckpt, verify_checksums)
-        metadata = trust.read_tensors_metadata(ckpt)
+        stored = trust.stored_tensors(ckpt)
     except CheckpointError as err:
         raise ConversionError(str(err)) from err
-    tensors = {TE_KEY_ALIASES.get(k, k): v for k, v in metadata.items()
-               if hasattr(v, "global_shape")}
-    return McoreCheckpoint(ckpt, common, {k: tuple(v.global_shape) for k, v in tensors.items()},
-                           {k: v.dtype for k, v in tensors.items()},
-                           {k: v.key for k, v in tensors.items() if v.key != k})
+    names = {key: TE_KEY_ALIASES.get(key, key) for key in stored}  # by the local spec's names
+    return McoreCheckpoint(ckpt, common,
+                           {names[k]: tuple(v.size) for k, v in stored.items()},
+                           {names[k]: v.properties.dtype for k, v in stored.items()},
+                           {names[k]: k for k in stored if names[k] != k})

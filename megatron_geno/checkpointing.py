@@ -2,8 +2,8 @@
 and data position). The API training, conversion and evaluation use; its parts live by job in
 megatron_geno.checkpoint:
 
-- ``trust``: nothing read from a checkpoint is executed (restricted unpicklers, the trusted
-  megatron-core load strategy);
+- ``trust``: nothing read from a checkpoint is executed (restricted unpicklers; torch alone);
+- ``strategy``: megatron-core's torch_dist load reading through ``trust``;
 - ``integrity``: checksums, and the structural check of a directory;
 - ``layout``: a save directory on disk (iterations, ``latest``, sealing and publishing, resume
   points, SavedRun);
@@ -26,7 +26,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_geno import without_te
-from megatron_geno.checkpoint import trust
+from megatron_geno.checkpoint import strategy
 from megatron_geno.checkpoint.integrity import seal, structural_fault
 from megatron_geno.checkpoint.layout import (
     SavedRun, checkpoint_bytes, complete_checkpoints, config_changes, iteration_dir,
@@ -129,7 +129,7 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
         )
         if same_layout:
             sharded["rng_state"] = sharded_rng_state()
-    loaded = trust.trusted_load(sharded, ckpt)
+    loaded = strategy.trusted_load(sharded, ckpt)
     apply_model_weights(unwrap_chunks(model), loaded["model"], common, ckpt)
     if weights_only:
         log.info("%s", resume_report(saved_run, cfg, ["weights"], "fresh optimizer, schedule "

@@ -36,6 +36,15 @@ from megatron_geno.units import format_bytes
 
 log = logging.getLogger(__name__)
 
+# One checkpoint format whichever layer spec wrote it (DESIGN decision 16). megatron-core's
+# Transformer Engine MoE layer keeps the pre-MLP RMSNorm as a module of its own, stored as
+# decoder.layers.pre_mlp_layernorm.weight; the local spec stores the same weight under
+# linear_fc1's fused-norm name (gpt_layer_specs.py, sharded_state_dict_keys_map). Saves use the
+# local name; a checkpoint that has the TE name loads into either spec.
+TE_KEY_ALIASES = {
+    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+}
+
 
 _ITER_DIR = re.compile(r"^iter_(\d{7})(\.replaced)?$")
 

@@ -13,7 +13,8 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_geno.checkpoint import trust
+from megatron_geno.checkpoint import strategy, trust
+from megatron_geno.checkpoint.layout import TE_KEY_ALIASES
 from megatron_geno.checkpoint.trust import CheckpointError
 from megatron_geno.config import ModelConfig, TrainConfig
 
@@ -160,16 +161,6 @@ def _chunk_states(chunks: list, state: dict) -> list:
     return [state] if len(chunks) == 1 else [state[f"chunk{i}"] for i in range(len(chunks))]
 
 
-# One checkpoint format whichever layer spec wrote it (DESIGN decision 16). megatron-core's
-# Transformer Engine MoE layer keeps the pre-MLP RMSNorm as a module of its own, stored as
-# decoder.layers.pre_mlp_layernorm.weight; the local spec stores the same weight under
-# linear_fc1's fused-norm name (gpt_layer_specs.py, sharded_state_dict_keys_map). Saves use the
-# local name; a checkpoint that has the TE name loads into either spec.
-TE_KEY_ALIASES = {
-    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
-}
-
-
 def _rename_keys(state: dict, names: dict) -> dict:
     """state with every sharded entry's key renamed through ``names`` (in place)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -221,7 +212,7 @@ def apply_model_weights(chunks: list, state: dict, common: dict, ckpt: Path) -> 
 def load_model_weights(chunks: list, ckpt: Path, common: dict) -> None:
     """Loads only the model weights of a torch_dist checkpoint into (unwrapped) GPTModel chunks."""
     request = {"model": model_weights_request(chunks, common, ckpt)}
-    loaded = trust.trusted_load(request, ckpt)
+    loaded = strategy.trusted_load(request, ckpt)
     apply_model_weights(chunks, loaded["model"], common, ckpt)
 
 

@@ -7,13 +7,10 @@ from a checkpoint is executed.
   torch's ``weights_only`` unpickler (tensors, containers, numbers, strings).
 - Storage paths named in ``.metadata`` must be plain file names inside the directory.
 
-``TrustedLoadStrategy`` is a subclass of megatron-core 0.16.1's torch_dist load strategy. Its
-``load`` builds the reader and the planner inside the method with no hook to pass others, so
-the subclass restates that method with ``TrustedReader`` and ``_TrustedPlanner`` in their place,
-calling megatron-core's own key-mapping helpers (checked at import: ``_MCORE_HELPERS``). Nothing
-of megatron-core is replaced, so a change in megatron-core cannot silently route a load around
-the checks; the crafted-pickle tests in tests/faults load through it and fail if it is bypassed.
-The integrity checks (checksums) are in megatron_geno.checkpoint.integrity.
+This module needs torch alone (``geno-convert inspect`` reads a checkpoint through it without
+megatron-core); megatron-core's load strategies that read through it are in
+megatron_geno.checkpoint.strategy, the integrity checks (checksums) in
+megatron_geno.checkpoint.integrity.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from typing import Optional
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 
 from megatron_geno.checkpoint.errors import CheckpointError  # noqa: E402,F401 - re-exported
@@ -121,26 +117,11 @@ def weights_only_load(data: io.BytesIO | str | Path, what: str):
     except FileNotFoundError:
         raise CheckpointError(f"{what} is missing") from None
     except Exception as err:  # torch.load's errors on damaged bytes vary by where they are hit
-        raise CheckpointError(f"{what} is damaged or truncated ({_one_line(err)})") from None
+        raise CheckpointError(f"{what} is damaged or truncated ({one_line(err)})") from None
 
 
 # --------------------------------------------------------------------------------------------
-# megatron-core load strategies that read through the above
-
-from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor  # noqa: E402
-from megatron.core.dist_checkpointing.strategies import torch as _mcore_torch  # noqa: E402
-from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy  # noqa: E402
-
-# megatron-core helpers TrustedLoadStrategy.load calls as megatron-core's own load does
-_MCORE_HELPERS = ("MCoreLoadPlanner", "TorchDistLoadShardedStrategy", "nested_values",
-                  "_replace_state_dict_keys_with_sharded_keys", "mcore_to_pyt_state_dict",
-                  "_unwrap_pyt_sharded_tensor", "_replace_sharded_keys_with_state_dict_keys",
-                  "_restore_dict_types")
-_missing = [name for name in _MCORE_HELPERS if not hasattr(_mcore_torch, name)]
-if _missing:
-    raise ImportError(f"megatron_geno.checkpoint.trust: megatron.core.dist_checkpointing."
-                      f"strategies.torch has no {_missing[0]} (megatron-core 0.16.1 expected)")
-
+# torch.distributed.checkpoint's reader, with the metadata read above
 
 class TrustedReader(FileSystemReader):
     """A FileSystemReader whose metadata comes from read_dcp_metadata (read once)."""
@@ -155,102 +136,7 @@ class TrustedReader(FileSystemReader):
         return self._trusted_metadata
 
 
-class _TrustedPlanner(_mcore_torch.MCoreLoadPlanner):
-    """Checks each pickled object with the weights-only unpickler before the planner uses it."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        weights_only_load(value, f"checkpoint object {read_item.dest_index.fqn}")
-        value.seek(0)  # admitted: only allow-listed globals, so the full load builds the same
-        super().load_bytes(read_item, value)
-
-
-class TrustedLoadStrategy(_mcore_torch.TorchDistLoadShardedStrategy):
-    """megatron-core's torch_dist load strategy, reading metadata and objects safely."""
-
-    def load(self, sharded_state_dict, checkpoint_dir):
-        """megatron-core 0.16.1's TorchDistLoadShardedStrategy.load with the trusted reader and
-        planner (and without its multi-storage-client reader, which this project does not use)."""
-        from torch.distributed import checkpoint
-
-        m = _mcore_torch
-        tensors = [t for t in m.nested_values(sharded_state_dict) if isinstance(t, ShardedTensor)]
-        flexible = [t for t in tensors if not t.allow_shape_mismatch]
-        mismatched = {t.key: t for t in tensors if t.allow_shape_mismatch}
-        original = sharded_state_dict
-        sharded_state_dict, flat_mapping, rename_mapping = (
-            m._replace_state_dict_keys_with_sharded_keys(sharded_state_dict))
-        pyt_state_dict = m.mcore_to_pyt_state_dict(sharded_state_dict, True)
-        reader = TrustedReader(checkpoint_dir)
-        checkpoint.load_state_dict(pyt_state_dict, reader, planner=_TrustedPlanner(
-            shapes_validation_sharded_tensors=flexible,
-            allow_shape_mismatch_sharded_tensors=mismatched))
-        self.cached_global_metadata = reader.read_metadata()
-        state = {k: m._unwrap_pyt_sharded_tensor(v) for k, v in pyt_state_dict.items()}
-        state = m._replace_sharded_keys_with_state_dict_keys(state, flat_mapping, rename_mapping)
-        m._restore_dict_types(state, original)
-        return state
-
-    def load_tensors_metadata(self, checkpoint_dir, metadata: Optional[Metadata] = None):
-        return super().load_tensors_metadata(
-            checkpoint_dir, metadata if metadata is not None else read_dcp_metadata(checkpoint_dir))
-
-    def load_sharded_metadata(self, checkpoint_dir):
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-        metadata = read_dcp_metadata(checkpoint_dir)
-        result = {}
-        for key, storage in metadata.state_dict_metadata.items():
-            if isinstance(storage, BytesStorageMetadata):
-                obj = ShardedObject.empty_from_unique_key(key)
-                result[obj.unique_key] = obj
-        result.update(self.load_tensors_metadata(checkpoint_dir, metadata))
-        return result
-
-
-class TrustedCommonStrategy(TorchCommonLoadStrategy):
-    """common.pt through torch's weights-only unpickler, whatever torch's default."""
-
-    def load_common(self, checkpoint_dir):
-        return weights_only_load(Path(checkpoint_dir) / COMMON, str(Path(checkpoint_dir) / COMMON))
-
-    def load_sharded_objects(self, sharded_objects_state_dict, checkpoint_dir):
-        raise CheckpointError(f"{checkpoint_dir}: objects stored as separate files are not a "
-                              f"torch_dist checkpoint of this project")
-
-
-def _first_failure(err: CheckpointException) -> BaseException:
-    failures = getattr(err, "failures", None) or {}
-    for failure in failures.values():
-        inner = failure[0] if isinstance(failure, tuple) else failure  # (exception, stack)
-        if isinstance(inner, BaseException):
-            return inner
-    return err
-
-
-def trusted_load(sharded_state_dict: dict, ckpt: str | Path, **kwargs) -> dict:
-    """megatron-core's dist_checkpointing.load through the trusted strategies.
-
-    Errors (damaged, truncated or refused files) become one-line CheckpointErrors.
-    """
-    from megatron.core import dist_checkpointing
-
-    try:
-        return dist_checkpointing.load(sharded_state_dict, str(ckpt),
-                                       sharded_strategy=TrustedLoadStrategy(),
-                                       common_strategy=TrustedCommonStrategy(), **kwargs)
-    except CheckpointError:
-        raise
-    except CheckpointException as err:  # a BaseException: would escape `except Exception`
-        inner = _first_failure(err)
-        if isinstance(inner, CheckpointError):
-            raise inner from None
-        raise CheckpointError(f"cannot load checkpoint {ckpt} (damaged or truncated?): "
-                              f"{_one_line(inner)}") from None
-    except Exception as err:
-        raise CheckpointError(f"cannot load checkpoint {ckpt}: {_one_line(err)}") from err
-
-
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
     """'Type: first line of the message' (or just the type), at most 300 characters."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return (type(err).__name__ + (f": {lines[0]}" if lines else ""))[:300]
@@ -258,14 +144,17 @@ def _one_line(err: BaseException) -> str:
 
 def read_common(ckpt: str | Path) -> dict:
     """Returns the checkpoint's common.pt (non-tensor state) read with the weights-only loader."""
-    common = TrustedCommonStrategy().load_common(ckpt)
+    path = Path(ckpt) / COMMON
+    common = weights_only_load(path, str(path))
     if not isinstance(common, dict):
-        raise CheckpointError(f"{Path(ckpt) / COMMON} does not hold a state dict")
+        raise CheckpointError(f"{path} does not hold a state dict")
     return common
 
 
-def read_tensors_metadata(ckpt: str | Path) -> dict:
-    """Returns {key: ShardedTensor without data} (global shapes and dtypes) of the checkpoint."""
-    return TrustedLoadStrategy().load_tensors_metadata(Path(ckpt))
+def stored_tensors(ckpt: str | Path) -> dict:
+    """{key: TensorStorageMetadata} (global size, dtype) of every tensor the checkpoint stores,
+    from .metadata alone (no megatron-core, no process group: geno-convert inspect)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-
+    return {key: meta for key, meta in read_dcp_metadata(ckpt).state_dict_metadata.items()
+            if isinstance(meta, TensorStorageMetadata)}

@@ -168,3 +168,27 @@ def test_bad_inputs_are_one_clear_error(trained, tmp_path):
         geno_convert("to-hf", "--checkpoint", str(trained / "tp2"), "--out", str(hf)))
     assert "does not exist" in _error(
         geno_convert("to-hf", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o4")))
+
+
+def test_inspect_reads_the_checkpoint_without_megatron_core(trained):
+    """geno-convert inspect reads common.pt and .metadata with torch alone (no megatron-core, no
+    process group) and lists the tensors megatron-core's own metadata reader finds."""
+    import subprocess
+    import sys
+
+    from megatron_geno.checkpoint.layout import resolve_checkpoint_dir
+    from megatron_geno.checkpoint.strategy import TrustedLoadStrategy
+
+    script = ("import contextlib, io, sys\nfrom checkpoint_tools.cli import main\nout = io.StringIO()\n"
+              "with contextlib.redirect_stdout(out):\n    rc = main(['inspect', sys.argv[1]])\n"
+              "import torch\nprint(out.getvalue())\n"
+              "print('STATE', rc, 'megatron.core' in sys.modules, torch.distributed.is_initialized())")
+    proc = subprocess.run([sys.executable, "-c", script, str(trained / "tp2")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split()[-4:] == ["STATE", "0", "False", "False"], proc.stderr[-2000:]
+    listed = {m.group(1): json.loads(m.group(2)) for m in re.finditer(
+        r"^  (\S+)\s+(\[[0-9, ]*\])\s+\S+$", proc.stdout, re.M)}
+    mcore = TrustedLoadStrategy().load_tensors_metadata(
+        resolve_checkpoint_dir(trained / "tp2", None, fallback=False))
+    assert listed == {k: list(v.global_shape) for k, v in mcore.items()}
+    assert listed["embedding.word_embeddings.weight"] == [256, 64]  # padded to 128 x TP=2
