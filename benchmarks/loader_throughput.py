@@ -13,6 +13,9 @@ megatron-core's mmap IndexedDataset is the baseline. Two rates per window length
   `get(doc, offset, length)`, copied into a new array (an mmap view is free until it is read).
 The page cache is warm for both (the files were just written), so this compares decode cost, not
 disk speed. Goals: zarr at least 0.5x the windows/s of mmap, and at most 0.5x its bytes.
+A last table reads the same raw windows of the dna2bit store through zarr-python's public API
+(`zarr.open_array(...)[a:b]`), against this project's reader (data_pipeline/token_reader.py,
+which exists because of this row).
 """
 
 from __future__ import annotations
@@ -62,6 +65,20 @@ def samples_per_s(dataset, count: int, repeat: int = 3) -> float:
     return best
 
 
+class ZarrPythonReads:
+    """A CorpusSplit's windows through zarr-python's public API (one array per part)."""
+
+    def __init__(self, split) -> None:
+        import zarr
+
+        self.split = split
+        self.arrays = [zarr.open_array(str(reader.dir), mode="r") for reader in split.readers]
+
+    def get(self, doc: int, offset: int = 0, length: int = 0):
+        start = int(self.split.starts[doc]) + offset
+        return self.arrays[int(self.split.owner[doc])][start:start + length]
+
+
 def gpt_dataset(source: str, path: Path, seq: int, count: int, cache: Path):
     from megatron_geno.config import load_config
     from megatron_geno.data import build_datasets
@@ -108,6 +125,7 @@ def main() -> None:
               + " | ".join(f"zarr {c} windows/s | x mmap" for c in CODECS) + " |")
         print("|---|---|---:|" + "---:|---:|" * len(CODECS))
         rng = np.random.default_rng(0)
+        ours_vs_zarr = []
         for length in (8192, 32768):
             docs = rng.choice(len(lengths), size=args.windows, p=lengths / lengths.sum())
             windows = [(int(d), int(rng.integers(0, lengths[d] - length)), length + 1)
@@ -117,6 +135,10 @@ def main() -> None:
                     assert np.array_equal(store.get(d, o, n), mmap_ds.get(d, offset=o, length=n))
             m = windows_per_s(mmap_ds, windows)
             rates = [windows_per_s(store, windows) for store in stores.values()]
+            through_zarr = ZarrPythonReads(stores["dna2bit"])
+            for d, o, n in windows[:50]:
+                assert np.array_equal(through_zarr.get(d, o, n), mmap_ds.get(d, offset=o, length=n))
+            ours_vs_zarr.append((length, rates[0], windows_per_s(through_zarr, windows[:500])))
             print(f"| {length // 1024}K | raw get + copy | {m:,.0f} | "
                   + " | ".join(f"{z:,.0f} | {z / m:.2f}" for z in rates) + " |")
             m = samples_per_s(gpt_dataset("megatron", tmp / "mmap_train", length, args.windows,
@@ -131,6 +153,13 @@ def main() -> None:
         for codec in CODECS:
             z_bytes = disk_bytes([tmp / codec / "shards"])
             print(f"| zarr {codec} | {z_bytes:,d} | {z_bytes / m_bytes:.2f} |")
+        print("\n| window | raw read, dna2bit store | windows/s | ms per window | x zarr-python |"
+              "\n|---|---|---:|---:|---:|")
+        for length, ours, theirs in ours_vs_zarr:
+            for name, rate in (("zarr-python `array[a:b]` (baseline)", theirs),
+                               ("data_pipeline TokenReader", ours)):
+                print(f"| {length // 1024}K | {name} | {rate:,.0f} | {1e3 / rate:.3f} "
+                      f"| {rate / theirs:.1f} |")
 
 
 if __name__ == "__main__":

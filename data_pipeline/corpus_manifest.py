@@ -224,8 +224,8 @@ def incomplete_hint(corpus: Path, manifest: dict) -> str:
            "keep with --only-listed" if failed else
            "run the remaining array tasks (each skips what is done), then "
            f"`geno-preprocess finalize {corpus}`")
-    return (f"{corpus} is incomplete: {' and '.join(what)}; nothing trains on it until it is "
-            f"complete: {fix} (finished assemblies are kept)")
+    return (f"{corpus} is incomplete: {' and '.join(what)}; nothing trains or evaluates on it "
+            f"until it is complete: {fix} (finished assemblies are kept)")
 
 
 _ENTRY_PATH = re.compile(r"^shards/[A-Za-z0-9][A-Za-z0-9._#+-]*$")

@@ -18,8 +18,9 @@ from data_pipeline.shard_format import DECODERS, EMPTY, ZARR_NAMES, fast_layout
 class TokenReader:
     """Reads token ranges of a part: direct shard-index reads for our layout, zarr otherwise.
 
-    zarr-python spends ~1 ms per small read on its async machinery; a random 8K window here is one
-    pread of a ~20 KB compressed chunk and one decode.
+    zarr-python spends ~1.5 ms per random 8K window on its async machinery (60x this reader;
+    benchmarks/loader_throughput.py); a random 8K window here is one pread of a compressed
+    chunk or two and one decode each.
     """
 
     def __init__(self, array_dir: Path, meta: Optional[dict] = None):

@@ -125,6 +125,13 @@ def _check_outputs(args) -> None:
     for corpus in getattr(args, "corpus", None) or []:
         if not (Path(corpus) / "manifest.json").is_file():
             raise EvalError(f"--corpus {corpus}: no manifest.json (not a finished corpus)")
+        from data_pipeline.corpus_manifest import read_manifest_json
+        from data_pipeline.errors import PipelineError
+
+        try:  # a damaged or incomplete corpus: before any model is loaded
+            read_manifest_json(Path(corpus))
+        except PipelineError as err:
+            raise EvalError(f"--corpus: {err}") from None
     if args.batch_size < 1:
         raise EvalError(f"--batch-size must be positive, got {args.batch_size}")
     if min(args.tensor_parallel, args.pipeline_parallel, args.context_parallel) < 1:

@@ -353,6 +353,13 @@ def test_a_failed_assembly_is_listed_in_the_manifest_with_one_way_on(fastas, tmp
     line = error_line(train(tmp_path / "run", "schedule.train_iters=2", "schedule.eval_interval=0",
                             "data.seq_length=64", "data.source=zarr", f"data.blend=[{corpus}]"))
     assert "is incomplete" in line and "(a1)" in line, line
+    import subprocess
+    import sys
+
+    line = error_line(subprocess.run(  # refused before any model is read
+        [sys.executable, "-m", "megatron_geno.evaluation.cli", "loss", "--hf",
+         str(tmp_path / "no-model"), "--corpus", str(corpus)], capture_output=True, text=True))
+    assert "is incomplete" in line and "(a1)" in line, line
     assert tree(corpus) == before  # refusals write nothing
 
     bad.write_bytes(good_a1)
