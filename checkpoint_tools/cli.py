@@ -60,6 +60,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_inputs(args) -> None:
+    """A missing --checkpoint or --hf is one line without torch or megatron-core (the readers
+    check the same again, with the contents)."""
+    from checkpoint_tools.errors import ConversionError
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise ConversionError(f"checkpoint {checkpoint} does not exist")
+    hf = getattr(args, "hf", None)
+    if hf is not None and not Path(hf).is_dir():
+        raise ConversionError(f"--hf {hf} is not a directory")
+
+
 def inspect_checkpoint(path: str, iteration, verify_checksums: bool = True) -> None:
     from checkpoint_tools.mcore_checkpoint import open_checkpoint
 
@@ -98,8 +111,9 @@ def main(argv=None) -> int:
     from megatron_geno.checkpoint.errors import CheckpointError
 
     try:
+        check_inputs(args)  # before torch and megatron-core are imported
         if args.command in ("to-hf", "from-hf"):
-            check_out(Path(args.out))  # before torch and megatron-core are imported
+            check_out(Path(args.out))
         if args.command == "to-hf":
             from checkpoint_tools.to_hf import mcore_to_hf
 

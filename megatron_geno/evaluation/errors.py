@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 
@@ -21,3 +22,8 @@ def check_model_choice(checkpoint: Optional[str], hf: Optional[str], iteration: 
                            or context_parallel != 1 or iteration is not None):
         raise EvalError("--tensor-parallel, --pipeline-parallel, --context-parallel and "
                         "--iteration apply to --checkpoint only")
+    # a missing model: said before torch and megatron-core are imported
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise EvalError(f"checkpoint {checkpoint} does not exist")
+    if hf is not None and not (Path(hf) / "config.json").is_file():
+        raise EvalError(f"--hf {hf}: no config.json there (not a HuggingFace export)")

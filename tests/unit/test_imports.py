@@ -100,14 +100,25 @@ def test_importing_the_package_does_nothing_else():
 
 def test_quick_answers_import_neither_torch_nor_megatron_core(tmp_path):
     """--help, --print-params, --print-config, a geno-launch dry run and refused arguments of
-    geno-convert and geno-eval answer without the seconds torch and megatron-core take."""
+    geno-convert and geno-eval (a missing checkpoint or export among them) answer without the
+    seconds torch and megatron-core take (benchmarks/cli_latency.py times them)."""
     cases = [
         ("megatron_geno.cli", ["--preset", "genos-10b", "--print-params"], 0),
         ("megatron_geno.cli", ["--preset", "tiny", "--print-config"], 0),
         ("launch.cli", ["--recipe", "genos-1.2b-8k", "--nodes", "16", "--dry-run",
                         f"logging.run_dir={tmp_path}"], 0),
         ("checkpoint_tools.cli", ["to-hf", "--checkpoint", "x", "--out", "."], 2),
+        ("checkpoint_tools.cli", ["to-hf", "--checkpoint", str(tmp_path / "none"), "--out",
+                                  str(tmp_path / "hf")], 2),
+        ("checkpoint_tools.cli", ["from-hf", "--hf", str(tmp_path / "none"), "--out",
+                                  str(tmp_path / "mc")], 2),
+        ("checkpoint_tools.cli", ["verify", "--checkpoint", str(tmp_path), "--hf",
+                                  str(tmp_path / "none")], 2),
+        ("checkpoint_tools.cli", ["inspect", str(tmp_path / "none")], 2),
         ("megatron_geno.evaluation.cli", ["loss", "--corpus", "x"], 2),
+        ("megatron_geno.evaluation.cli", ["loss", "--checkpoint", str(tmp_path / "none"),
+                                          "--corpus", "x"], 2),
+        ("megatron_geno.evaluation.cli", ["loss", "--hf", str(tmp_path), "--corpus", "x"], 2),
     ]
     for module, args, code in cases:
         script = ("import sys, importlib\n"
