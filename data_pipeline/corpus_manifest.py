@@ -21,7 +21,7 @@ from pathlib import Path
 
 from data_pipeline.errors import PipelineError, ShardError
 from data_pipeline.manifest import Assembly
-from data_pipeline.run_config import PipelineConfig, assembly_hash, sha
+from data_pipeline.run_config import PipelineConfig, assembly_hash, content_identity, sha
 from data_pipeline.shard_format import FORMAT_VERSION, SPLITS, read_attrs
 from megatron_geno.files import write_text_atomic
 from megatron_geno.vocab import TOKENIZER_VERSION, VOCAB
@@ -137,7 +137,7 @@ def finalize(out: Path) -> dict:
     except (OSError, json.JSONDecodeError) as err:
         raise PipelineError(f"{out}/run.json: unreadable ({err}); run geno-preprocess run first")
     config = PipelineConfig.from_dict(run["config"])
-    entries, failed, unwritten = [], [], []
+    entries, identities, failed, unwritten = [], [], [], []
     for row in sorted(run["assemblies"], key=lambda r: r["assembly"]):  # (older run.json files)
         assembly = Assembly(**row)
         group = out / "shards" / assembly.assembly
@@ -154,6 +154,7 @@ def finalize(out: Path) -> dict:
                 failed.append({"assembly": assembly.assembly, "source": assembly.path,
                                "message": message})
             continue
+        identities.append(content_identity(config, assembly, attrs["source"]["md5"]))
         entries.append({
             **{k: attrs[k] for k in ("assembly", "sample", "haplotype", "species")},
             "path": f"shards/{assembly.assembly}",
@@ -177,8 +178,9 @@ def finalize(out: Path) -> dict:
         "config": run["config"],
         "config_hash": run["config_hash"],
         "complete": complete,
-        # what a complete corpus holds; an incomplete one has none (nothing may train on it)
-        "content_hash": sha([e["assembly_hash"] for e in entries]) if complete else None,
+        # what a complete corpus holds, wherever its sources lay (run_config.content_identity);
+        # an incomplete one has none (nothing may train on it)
+        "content_hash": sha(identities) if complete else None,
         "tokenizer": {"name": "geno", "version": TOKENIZER_VERSION, "vocab_size": len(VOCAB)},
         "totals": totals,
         "assemblies": entries,

@@ -64,9 +64,19 @@ def sha(obj) -> str:
 
 
 def assembly_hash(config: PipelineConfig, assembly: Assembly) -> str:
-    """The identity of one shard group: config, manifest row and source size."""
+    """Whether a shard group is up to date (a rerun skips it): config, manifest row (the source's
+    path included) and source size, known without reading the source. Not what the group holds:
+    see content_identity."""
     try:
         size = os.path.getsize(assembly.path)
     except OSError:
         size = -1
     return sha([config.hash(), assembly.to_dict(), size])
+
+
+def content_identity(config: PipelineConfig, assembly: Assembly, source_md5: str) -> str:
+    """What one shard group holds: config, the manifest row without the source's path, and the
+    source's bytes (md5). The same FASTA preprocessed from anywhere has the same identity, and so
+    the corpus the same content hash (which keys its reverse-complement choices in training)."""
+    row = {k: v for k, v in assembly.to_dict().items() if k not in ("path", "md5")}
+    return sha([config.hash(), row, source_md5])

@@ -1,5 +1,6 @@
 """The token store end to end: kill-and-rerun byte identity, and geno-train on preprocessed corpora."""
 
+import json
 import os
 import signal
 import subprocess
@@ -102,14 +103,23 @@ def test_a_corpus_trains_only_under_its_own_soft_mask_policy(tmp_path):
 
 def test_a_corpus_trains_the_same_wherever_it_lies(tmp_path):
     """Reverse-complement augmentation is keyed by the corpus's content hash, not its path: a
-    copy elsewhere gives the same losses (it did not: 1.4637 vs 1.4747 at step 25)."""
+    copy elsewhere gives the same losses (it did not: 1.4637 vs 1.4747 at step 25), and so does
+    the same FASTA preprocessed from another directory (its content hash named the source's path:
+    the example's table changed with the clone's location)."""
     import shutil
 
     path = write_fasta(tmp_path / "a.fa", genome(3, {"chr1": 30_000, "chr20": 4_000}))
     assert run_cli("run", path, "--out", tmp_path / "here") == 0
     shutil.copytree(tmp_path / "here", tmp_path / "elsewhere" / "copy")
+    moved = tmp_path / "other" / "place" / "a.fa"
+    moved.parent.mkdir(parents=True)
+    shutil.copyfile(path, moved)
+    assert run_cli("run", moved, "--out", tmp_path / "remade") == 0
+    corpora = (tmp_path / "here", tmp_path / "elsewhere" / "copy", tmp_path / "remade")
+    hashes = {json.loads((c / "manifest.json").read_text())["content_hash"] for c in corpora}
+    assert len(hashes) == 1, hashes
     runs = [losses(geno_train(tmp_path / f"run{i}", "data.source=zarr",
                               f"data.blend=['{corpus}']", "data.reverse_complement_prob=0.5",
                               "schedule.train_iters=3", "schedule.eval_interval=0"))
-            for i, corpus in enumerate((tmp_path / "here", tmp_path / "elsewhere" / "copy"))]
-    assert runs[0] == runs[1]
+            for i, corpus in enumerate(corpora)]
+    assert runs[0] == runs[1] == runs[2]
