@@ -356,9 +356,12 @@ def test_a_failed_assembly_is_listed_in_the_manifest_with_one_way_on(fastas, tmp
     import subprocess
     import sys
 
-    line = error_line(subprocess.run(  # refused before any model is read
-        [sys.executable, "-m", "megatron_geno.evaluation.cli", "loss", "--hf",
-         str(tmp_path / "no-model"), "--corpus", str(corpus)], capture_output=True, text=True))
+    unread = tmp_path / "model"  # an export whose config nobody reads: refused before that
+    unread.mkdir()
+    (unread / "config.json").write_text("{}")
+    line = error_line(subprocess.run(
+        [sys.executable, "-m", "megatron_geno.evaluation.cli", "loss", "--hf", str(unread),
+         "--corpus", str(corpus)], capture_output=True, text=True))
     assert "is incomplete" in line and "(a1)" in line, line
     assert tree(corpus) == before  # refusals write nothing
 
