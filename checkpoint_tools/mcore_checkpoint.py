@@ -39,7 +39,7 @@ def init_single_process() -> None:
 class McoreCheckpoint:
     path: Path
     common: dict
-    shapes: dict[str, tuple[int, ...]]  # by the local spec's names (checkpointing.TE_KEY_ALIASES)
+    shapes: dict[str, tuple[int, ...]]  # by the local spec's names (layout.TE_KEY_ALIASES)
     dtypes: dict[str, torch.dtype]
     stored: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> stored name
 

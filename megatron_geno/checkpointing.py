@@ -29,13 +29,13 @@ from megatron_geno import without_te
 from megatron_geno.checkpoint import strategy
 from megatron_geno.checkpoint.integrity import seal, structural_fault
 from megatron_geno.checkpoint.layout import (
-    SavedRun, checkpoint_bytes, complete_checkpoints, config_changes, iteration_dir,
-    latest_iteration, open_for_loading, read_common, read_saved_run, resolve_checkpoint_dir,
-    resume_point, resume_report, resume_target, save_failed, saved_tokenizer, seal_and_publish,
-    space_warning, tokenizer_key,
+    TE_KEY_ALIASES, SavedRun, checkpoint_bytes, complete_checkpoints, config_changes,
+    iteration_dir, latest_iteration, open_for_loading, read_common, read_saved_run,
+    resolve_checkpoint_dir, resume_point, resume_report, resume_target, save_failed,
+    saved_tokenizer, seal_and_publish, space_warning, tokenizer_key,
 )
 from megatron_geno.checkpoint.state import (
-    OPTIMIZER_METADATA, TE_KEY_ALIASES, TrainState, apply_model_weights, check_architecture,
+    OPTIMIZER_METADATA, TrainState, apply_model_weights, check_architecture,
     hyperparameters, layout_record, load_model_weights, model_sharded_state_dict,
     model_weights_request, num_optimizers, remap_optimizer_state, restore_hyperparameters,
     restore_rng_state, sharded_rng_state, stored_keys, unwrap_chunks,
