@@ -27,6 +27,9 @@ from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPl
                                                   SavePlan, SavePlanner, TensorWriteData,
                                                   WriteItem, WriteItemType)
 
+# TrustedReader: .metadata through the restricted unpickler
+from megatron_geno.checkpoint.trust import TrustedReader, first_failure
+
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                      "common_backend": "torch", "common_backend_version": 1}
 
@@ -99,7 +102,7 @@ def write_torch_dist(directory: Path, chunks: list[Chunk], common: dict) -> None
     try:
         dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks), no_dist=True)
     except CheckpointException as err:  # DCP wraps what a chunk's producer raised
-        raise _first_cause(err) from None
+        raise first_failure(err) from None
     torch.save(common, directory / "common.pt")
     (directory / "metadata.json").write_text(json.dumps(MEGATRON_METADATA))
 
@@ -154,21 +157,10 @@ class _LayerLoadPlanner(LoadPlanner):
 def read_layer(directory: Path, key: str, layer: int, global_shape: tuple[int, ...],
                dtype: torch.dtype) -> torch.Tensor:
     """key[layer] of a torch_dist checkpoint, reading only the stored chunks that overlap it."""
-    from megatron_geno.checkpoint.trust import TrustedReader  # .metadata: restricted unpickler
-
     out = torch.empty(global_shape[1:], dtype=dtype)
     try:
         dcp.load({}, storage_reader=TrustedReader(str(directory)),
                  planner=_LayerLoadPlanner(key, layer, out), no_dist=True)
     except CheckpointException as err:
-        raise _first_cause(err) from None
+        raise first_failure(err) from None
     return out
-
-
-def _first_cause(err: CheckpointException) -> BaseException:
-    """The exception a rank raised inside torch.distributed.checkpoint (DCP wraps it)."""
-    for failure in err.failures.values():
-        cause = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(cause, BaseException):
-            return cause
-    return err

@@ -21,8 +21,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTenso
 from megatron.core.dist_checkpointing.strategies import torch as _mcore_torch
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
-from megatron_geno.checkpoint.trust import (COMMON, CheckpointError, TrustedReader, one_line,
-                                            read_dcp_metadata, weights_only_load)
+from megatron_geno.checkpoint.trust import (COMMON, CheckpointError, TrustedReader,
+                                            first_failure, one_line, read_dcp_metadata,
+                                            weights_only_load)
 
 # megatron-core helpers TrustedLoadStrategy.load calls as megatron-core's own load does
 _MCORE_HELPERS = ("MCoreLoadPlanner", "TorchDistLoadShardedStrategy", "nested_values",
@@ -98,15 +99,6 @@ class TrustedCommonStrategy(TorchCommonLoadStrategy):
                               f"torch_dist checkpoint of this project")
 
 
-def _first_failure(err: CheckpointException) -> BaseException:
-    failures = getattr(err, "failures", None) or {}
-    for failure in failures.values():
-        inner = failure[0] if isinstance(failure, tuple) else failure  # (exception, stack)
-        if isinstance(inner, BaseException):
-            return inner
-    return err
-
-
 def trusted_load(sharded_state_dict: dict, ckpt: str | Path, **kwargs) -> dict:
     """megatron-core's dist_checkpointing.load through the trusted strategies.
 
@@ -121,7 +113,7 @@ def trusted_load(sharded_state_dict: dict, ckpt: str | Path, **kwargs) -> dict:
     except CheckpointError:
         raise
     except CheckpointException as err:  # a BaseException: would escape `except Exception`
-        inner = _first_failure(err)
+        inner = first_failure(err)
         if isinstance(inner, CheckpointError):
             raise inner from None
         raise CheckpointError(f"cannot load checkpoint {ckpt} (damaged or truncated?): "

@@ -142,6 +142,16 @@ def one_line(err: BaseException) -> str:
     return (type(err).__name__ + (f": {lines[0]}" if lines else ""))[:300]
 
 
+def first_failure(err: BaseException) -> BaseException:
+    """The exception a rank raised inside torch.distributed.checkpoint, which wraps each in a
+    CheckpointException's per-rank failures ((exception, stack) pairs); err itself if none."""
+    for failure in (getattr(err, "failures", None) or {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return err
+
+
 def read_common(ckpt: str | Path) -> dict:
     """Returns the checkpoint's common.pt (non-tensor state) read with the weights-only loader."""
     path = Path(ckpt) / COMMON
