@@ -141,14 +141,14 @@ def main(argv=None) -> int:
 
 
 def _dispatch(args) -> int:
-    from data_pipeline.corpus_manifest import finalize, incomplete_hint
+    from data_pipeline.corpus_manifest import finalize, incomplete_hint, is_complete
     from data_pipeline.errors import PipelineError
 
     if args.command == "run":
         return _run(args)
     if args.command == "finalize":
         manifest = finalize(Path(args.corpus))
-        if not manifest["complete"]:
+        if not is_complete(manifest):
             raise PipelineError(incomplete_hint(Path(args.corpus), manifest))
         print(f"wrote {args.corpus}/manifest.json: {len(manifest['assemblies'])} assemblies, "
               f"{manifest['totals']['tokens']:,d} tokens")
@@ -229,8 +229,8 @@ def _run(args) -> int:
 
 
 def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
-    from data_pipeline.corpus_manifest import (finalize, incomplete_hint, prepare_out,
-                                               record_outcomes)
+    from data_pipeline.corpus_manifest import (finalize, incomplete_hint, is_complete,
+                                               prepare_out, record_outcomes)
     from data_pipeline.errors import PipelineError
     from data_pipeline.pipeline import run
 
@@ -262,7 +262,7 @@ def _run_locked(args, out: Path, config, assemblies: list, mine: list) -> int:
         print(f"geno-preprocess: {out}/manifest.json could not be written ({err.strerror}); a "
               f"rerun of the same command retries the failed assemblies", file=sys.stderr)
         return 2
-    if not manifest["complete"]:  # the manifest lists what is missing; the hint, the way on
+    if not is_complete(manifest):  # the manifest lists what is missing; the hint, the way on
         if not failed:
             raise PipelineError(incomplete_hint(out, manifest))
         print(f"geno-preprocess: {incomplete_hint(out, manifest)}", file=sys.stderr)

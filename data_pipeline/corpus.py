@@ -8,7 +8,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.corpus_manifest import read_manifest_json
+from data_pipeline.corpus_manifest import is_complete, read_manifest_json
 from data_pipeline.errors import PipelineError
 from data_pipeline.shard_format import SPLITS, read_attrs
 from data_pipeline.token_reader import Part
@@ -27,7 +27,7 @@ class Corpus:
 
     @property
     def complete(self) -> bool:
-        return self.manifest.get("complete", True) is True
+        return is_complete(self.manifest)
 
     @property
     def assemblies(self) -> list[dict]:

@@ -260,6 +260,11 @@ def read_manifest_json(corpus: Path, incomplete_ok: bool = False) -> dict:
         manifest["totals"]["split_tokens"]
     except (KeyError, TypeError, AttributeError) as err:
         raise PipelineError(f"{path} is not a corpus manifest (missing {err})") from None
-    if manifest.get("complete", True) is not True and not incomplete_ok:  # (older: no key)
+    if not is_complete(manifest) and not incomplete_ok:
         raise PipelineError(incomplete_hint(Path(corpus), manifest))
     return manifest
+
+
+def is_complete(manifest: dict) -> bool:
+    """Whether every assembly of the corpus is written (a manifest older than the key is)."""
+    return manifest.get("complete", True) is True
