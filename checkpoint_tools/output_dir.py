@@ -33,20 +33,22 @@ def claimed_out(out: Path):
     check_out(out)
     parent = out.absolute().parent
     made = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again if left empty
-    try:
-        lock = DirectoryLock(parent, f"out-{out.name}")
-    except DirectoryLocked as err:
-        raise ConversionError(f"--out {out}: {err}") from None
-    except OSError as err:
-        raise ConversionError(f"cannot write --out {out}: {err.strerror}") from None
-    try:
+    lock = None
+    try:  # (taken inside: a Ctrl-C as soon as the lock exists still releases it)
+        try:
+            lock = DirectoryLock(parent, f"out-{out.name}")
+        except DirectoryLocked as err:
+            raise ConversionError(f"--out {out}: {err}") from None
+        except OSError as err:
+            raise ConversionError(f"cannot write --out {out}: {err.strerror}") from None
         leftover = re.compile(rf"\.{re.escape(out.name)}\.[A-Za-z0-9_]{{8}}\.tmp")
         for path in out.absolute().parent.iterdir():
             if path.is_dir() and leftover.fullmatch(path.name):
                 shutil.rmtree(path, ignore_errors=True)
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         for directory in made:  # innermost first; a refused conversion leaves no new directory
             try:
                 directory.rmdir()

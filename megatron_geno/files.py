@@ -176,23 +176,41 @@ class DirectoryLock:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f".geno-{name}.lock"
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        self.fd = None
+        fd = None
+        try:
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = (os.pread(fd, 200, 0).decode(errors="replace").strip()
+                              or "another process")
+                    os.close(fd)
+                    fd = None
+                    raise DirectoryLocked(f"{directory} is being written by {holder}; wait for "
+                                          f"it to end or write elsewhere") from None
+                try:  # a releasing holder unlinks the file: the lock taken must be on the live one
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
                 os.close(fd)
-                raise DirectoryLocked(f"{directory} is being written by {holder}; wait for it to "
-                                      f"end or write elsewhere") from None
-            try:  # a releasing holder unlinks the file: the lock taken must be on the live one
-                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+                fd = None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        except BaseException:
+            # interrupted (Ctrl-C) while taking the lock: a file this process locks, or may
+            # lock now, is removed as release() would; one another process holds is left alone
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                        self.path.unlink()
+                except OSError:
+                    pass
+                os.close(fd)
+            raise
         self.fd = fd
 
     def release(self) -> None:
