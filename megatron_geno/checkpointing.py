@@ -10,8 +10,11 @@ megatron_geno.checkpoint:
 - ``state``: what a checkpoint holds and how it maps onto this run (train state, model keys,
   optimizer layout and remapping, RNG).
 
-The optimizer is saved in megatron-core's ``fully_reshardable`` format, so a checkpoint saved at
-one TP/PP/EP loads at another.
+The distributed optimizer's state is saved in model-space boxes (``optimizer_shards``): every
+rank writes its own shard with no gather onto data-parallel rank 0; megatron-core's fully
+parallel save spreads the replicated model weights over the data-parallel group; each item is
+checksummed as it is written. A checkpoint saved at one TP/PP/EP/CP/DP loads at another, each
+rank reading (and verifying) only the stored items it needs.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ from megatron_geno.checkpoint.layout import (
     saved_tokenizer, seal_and_publish, space_warning, tokenizer_key,
 )
 from megatron_geno.checkpoint.state import (
-    OPTIMIZER_METADATA, TrainState, apply_model_weights, check_architecture,
+    TrainState, apply_model_weights, check_architecture,
     hyperparameters, layout_record, load_model_weights, model_sharded_state_dict,
     model_weights_request, num_optimizers, remap_optimizer_state, restore_hyperparameters,
-    restore_rng_state, sharded_rng_state, stored_keys, unwrap_chunks,
+    optimizer_loaded, optimizer_request, restore_rng_state, sharded_rng_state, stored_keys,
+    unwrap_chunks,
 )
 from megatron_geno.checkpoint.trust import CheckpointError
 from megatron_geno.config import TrainConfig
@@ -73,7 +77,7 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     model_sd = model_sharded_state_dict(model)
     sharded = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA),
+        "optimizer": optimizer_request(optimizer, model_sd),
         "rng_state": sharded_rng_state(),
         "scheduler": scheduler.state_dict(),
         "train_state": dataclasses.asdict(state),
@@ -84,11 +88,13 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     }
     finish = partial(seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
     try:
+        writer = strategy.save_strategy(_replica_group())
         if async_queue is None:
-            dist_checkpointing.save(sharded, str(tmp))
+            dist_checkpointing.save(sharded, str(tmp), sharded_strategy=writer)
             finish()
         else:
-            request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
+            request = dist_checkpointing.save(sharded, str(tmp), sharded_strategy=writer,
+                                              async_sharded_save=True)
             request.add_finalize_fn(finish)
             async_queue.schedule_async_request(request)
     except (KeyboardInterrupt, SystemExit):
@@ -96,6 +102,14 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
     except BaseException as err:  # torch's CheckpointException is a BaseException; every rank
         raise save_failed(err, final) from None  # gets here alike (see save_failed)
     return final
+
+
+def _replica_group():
+    """The ranks that hold replicas of the same model tensors (data parallel, with context
+    parallel: megatron-core's training glue uses this group for its fully parallel save and load)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: SavedRun,
@@ -124,17 +138,17 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
     sharded = {"model": model_sd}
     if not weights_only:
         without_te.allocate_optimizer_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=True, metadata=OPTIMIZER_METADATA
-        )
+        sharded["optimizer"] = optimizer_request(optimizer, model_sd, is_loading=True)
         if same_layout:
             sharded["rng_state"] = sharded_rng_state()
-    loaded = strategy.trusted_load(sharded, ckpt)
+    loaded = strategy.trusted_load(sharded, ckpt, checksums=saved_run.checksums,
+                                   parallel_group=_replica_group())
     apply_model_weights(unwrap_chunks(model), loaded["model"], common, ckpt)
     if weights_only:
         log.info("%s", resume_report(saved_run, cfg, ["weights"], "fresh optimizer, schedule "
                                      "and data position"))
         return TrainState()
+    optimizer_loaded(optimizer, sharded["optimizer"], loaded["optimizer"])
     if regrouped:
         loaded["optimizer"] = remap_optimizer_state(loaded["optimizer"], optimizer,
                                                     common["optimizer"])

@@ -7,6 +7,7 @@ killed save left incomplete.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -169,6 +170,29 @@ def verify_checksums(ckpt: str | Path, share: tuple[int, int] = (0, 1)) -> list[
     return faults
 
 
+def check_index_files(ckpt: str | Path) -> Optional[dict]:
+    """Checks .metadata and common.pt (small) against checksums.json, and every data file's
+    size, and returns the document for the load to check each item as it reads it (None, with
+    a warning, for a checkpoint written before checksums existed)."""
+    ckpt = Path(ckpt)
+    document = read_checksums(ckpt)
+    if document is None:
+        log.warning("%s has no %s (written by an older version): its content is not verified",
+                    ckpt, CHECKSUMS)
+        return None
+    for name, expected in sorted(document["files"].items()):
+        _check_storage_path(ckpt, name)
+        path = ckpt / name
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing")
+        if path.stat().st_size != expected.get("size"):
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {expected.get('size')}"
+                                  f" were written (truncated or damaged)")
+        if "crc32c" in expected and _crc_file(path)[1] != expected["crc32c"]:
+            raise CheckpointError(f"{path}: content checksum mismatch")
+    return document
+
+
 def gather_faults(faults: list[str]) -> list[str]:
     """Every process's faults, on every process (a collective when torch.distributed is up)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -222,3 +246,112 @@ def structural_fault(ckpt: str | Path) -> Optional[str]:
         if not path.is_file() or path.stat().st_size != expected.get("size"):
             return f"{path} is missing or has the wrong size (truncated?)"
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# Checksums computed from the bytes as they are written (DESIGN decision 21): no second read.
+#
+# megatron-core's torch_dist writer (FileSystemWriterAsync) hands every item (tensor chunk or
+# pickled object) to torch's ``_write_item`` through the writer's stream transforms
+# (``writer.transforms``, torch.distributed.checkpoint's extension point for compression and the
+# like). ``ChecksummingTransforms`` is such a transform that changes no byte: it passes each
+# item's bytes to the file and computes their CRC32C on the way, then appends
+# ``offset length crc`` to a sidecar ``FILE.crc32c`` beside the data file. The writers are
+# forked processes (megatron-core's multiproc writer), so the sidecar is how the result leaves
+# them; at sealing each rank reads its own sidecars (a few bytes per item), rank 0 merges them
+# into checksums.json and removes them. The checkpoint's files are never read back.
+
+SIDECAR = ".crc32c"
+_CRC_BLOCK = 8 << 20  # the fixed buffer a memoryview is checksummed through (crc32c wants bytes)
+
+
+def _extend(crc: int, data) -> int:
+    if isinstance(data, bytes):
+        return google_crc32c.extend(crc, data)
+    view = memoryview(data).cast("B")
+    for start in range(0, len(view), _CRC_BLOCK):
+        crc = google_crc32c.extend(crc, bytes(view[start:start + _CRC_BLOCK]))
+    return crc
+
+
+class _ChecksummingStream(io.IOBase):
+    """One item's stream: writes pass to ``inner`` and into the item's CRC32C; close() records
+    (offset, length, crc) in the data file's sidecar."""
+
+    def __init__(self, inner, raw, sidecars: dict) -> None:
+        super().__init__()
+        self.inner, self.raw, self.sidecars = inner, raw, sidecars
+        self.offset, self.length, self.crc = raw.tell(), 0, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        written = self.inner.write(data)
+        self.crc = _extend(self.crc, data)
+        self.length += memoryview(data).nbytes
+        return written
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.inner.close()
+        path = str(self.raw.name) + SIDECAR
+        if path not in self.sidecars:  # unbuffered: a forked writer ends with os._exit
+            self.sidecars[path] = open(path, "ab", buffering=0)
+        self.sidecars[path].write(f"{self.offset} {self.length} {self.crc}\n".encode())
+        super().close()
+
+
+def checksumming_transforms():
+    """torch's writer transforms (no extension) with every item checksummed as it is written."""
+    from torch.distributed.checkpoint.filesystem import _StorageWriterTransforms
+
+    class ChecksummingTransforms(_StorageWriterTransforms):
+        def __init__(self) -> None:
+            super().__init__(())
+            self.sidecars: dict = {}
+
+        def transform_save_stream(self, write_item, raw_stream):
+            inner, descriptors = super().transform_save_stream(write_item, raw_stream)
+            return _ChecksummingStream(inner, raw_stream, self.sidecars), descriptors
+
+    return ChecksummingTransforms()
+
+
+def written_checksums(ckpt: str | Path, rank: int) -> dict:
+    """{(file, offset): (length, crc)} from the sidecars of the data files rank wrote
+    (torch_dist names them ``__RANK_N.distcp``); the sidecars are removed."""
+    found = {}
+    for sidecar in sorted(Path(ckpt).glob(f"__{rank}_*{SIDECAR}")):
+        name = sidecar.name[:-len(SIDECAR)]
+        for line in sidecar.read_text().splitlines():
+            offset, length, crc = (int(x) for x in line.split())
+            found[(name, offset)] = (length, crc)
+        sidecar.unlink()
+    return found
+
+
+def seal_from_written(ckpt: str | Path, written: dict) -> dict:
+    """The checksums.json document of a checkpoint whose items were checksummed as written
+    (written: every rank's written_checksums merged); .metadata and common.pt, small files
+    written by rank 0, are read. CheckpointError when a stored item has no checksum."""
+    ckpt = Path(ckpt)
+    metadata = read_dcp_metadata(ckpt)
+    files, items = {}, []
+    for name, entries in sorted(_items_by_file(metadata).items()):
+        files[name] = {"size": (ckpt / name).stat().st_size}
+        for index, info in entries:
+            found = written.get((name, info.offset))
+            if found is None or found[0] != info.length:
+                raise CheckpointError(f"{ckpt / name}: no checksum was computed while writing "
+                                      f"{_item_name(index)}")
+            items.append({"item": _item_name(index), "file": name, "offset": info.offset,
+                          "length": info.length, "crc32c": found[1]})
+    for name in (METADATA, COMMON):
+        size, crc = _crc_file(ckpt / name)
+        files[name] = {"size": size, "crc32c": crc}
+    return merge_checksums([{"files": files, "items": items}])

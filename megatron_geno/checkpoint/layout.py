@@ -146,6 +146,8 @@ class SavedRun:
     path: Path
     common: dict
     config: dict
+    # checksums.json, which the load checks item by item as it reads; None when not verifying
+    checksums: Optional[dict] = None
 
     @property
     def padded_vocab_size(self) -> Optional[int]:
@@ -164,9 +166,13 @@ class SavedRun:
 
 def read_saved_run(ckpt: Path, verify_checksums: bool = True) -> SavedRun:
     """CKPT (from resolve_checkpoint_dir / resume_target) through the trust boundary, then read
-    once: see SavedRun."""
-    common = open_for_loading(ckpt, verify_checksums)
-    return SavedRun(Path(ckpt), common, _saved_config(ckpt))
+    once: see SavedRun. With verify_checksums, .metadata, common.pt and every data file's size
+    are checked now, and each stored item as the load reads it (SavedRun.checksums): a resume
+    reads the checkpoint once, each rank its own part."""
+    checksums = None
+    if verify_checksums:
+        checksums = integrity.check_index_files(ckpt)
+    return SavedRun(Path(ckpt), read_common(ckpt), _saved_config(ckpt), checksums)
 
 
 def _saved_config(ckpt: Path) -> dict:
@@ -223,14 +229,18 @@ def open_for_loading(ckpt: Path, verify_checksums: bool = True) -> dict:
     return read_common(ckpt)
 
 
-def _seal(tmp: Path) -> None:
-    """Writes tmp/checksums.json; every rank checksums its share of the data files."""
-    share = (torch.distributed.get_rank(), torch.distributed.get_world_size())
-    mine = integrity.compute_checksums(tmp, share)
-    shares: list = [None] * share[1]
-    torch.distributed.all_gather_object(shares, mine)
-    if share[0] == 0:
-        integrity.write_checksums(tmp, integrity.merge_checksums(shares))
+def _gather_written_checksums(tmp: Path) -> Optional[dict]:
+    """Every rank's item checksums, computed while its writers wrote (integrity.
+    written_checksums); the merged map on rank 0, None elsewhere."""
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    shares: list = [None] * world
+    torch.distributed.all_gather_object(shares, integrity.written_checksums(tmp, rank))
+    if rank != 0:
+        return None
+    merged: dict = {}
+    for share in shares:
+        merged.update(share)
+    return merged
 
 
 def _publish(save: Path, tmp: Path, final: Path, iteration: int) -> None:
@@ -269,17 +279,19 @@ class _SealFailed(RuntimeError):
 
 
 def seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str) -> None:
-    """After every rank has written its part of tmp: checksums, then (rank 0) the rename to final
-    and ``latest``. A failed write on rank 0 is raised on every rank (_SealFailed), so that all
-    of them leave the save alike."""
+    """After every rank has written its part of tmp: checksums.json from the checksums the
+    writers computed (nothing is read back), then (rank 0) the rename to final and ``latest``.
+    A failure on rank 0 is raised on every rank (_SealFailed), so that all of them leave the
+    save alike."""
     torch.distributed.barrier()
-    _seal(tmp)
+    written = _gather_written_checksums(tmp)
     failed = [None]
     if torch.distributed.get_rank() == 0:
         try:
+            integrity.write_checksums(tmp, integrity.seal_from_written(tmp, written))
             (tmp / "config.yaml").write_text(config)
             _publish(save, tmp, final, iteration)
-        except OSError as err:
+        except (OSError, CheckpointError) as err:
             failed = [err]
     torch.distributed.broadcast_object_list(failed, src=0)
     if failed[0] is not None:

@@ -13,7 +13,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_geno.checkpoint import strategy, trust
+from megatron_geno.checkpoint import optimizer_shards, strategy, trust
 from megatron_geno.checkpoint.layout import TE_KEY_ALIASES
 from megatron_geno.checkpoint.trust import CheckpointError
 from megatron_geno.config import ModelConfig, TrainConfig
@@ -130,14 +130,23 @@ def layout_record(cfg: TrainConfig, optimizer) -> dict:
     }
 
 
-# The optimizer state in canonical (per-parameter) form: loads at any TP/PP/EP/DP.
-OPTIMIZER_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "chained_optim_avoid_prefix": True,  # same tensor keys whether or not experts get their own optimizer
-    # gathered over gloo into host memory of DP rank 0 only (by default every DP rank gathers the
-    # whole state of its model-parallel shard, through GPU memory); the stored form is the same
-    "distrib_optim_fully_reshardable_mem_efficient": True,
-}
+def optimizer_request(optimizer, model_sd: dict, is_loading: bool = False) -> dict:
+    """The optimizer's sharded state dict as saved and loaded: the distributed optimizer's in
+    model-space boxes, each rank its own shard (optimizer_shards); a plain optimizer's
+    (distributed_optimizer=false) as megatron-core gives it, replicated over data parallelism
+    (the fully parallel save spreads its writing over the group)."""
+    if optimizer_shards.is_distributed(optimizer):
+        return optimizer_shards.sharded_optimizer_state(optimizer, model_sd, is_loading)
+    # the same tensor keys whether or not experts get their own optimizer (EP > 1)
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                        metadata={"chained_optim_avoid_prefix": True})
+
+
+def optimizer_loaded(optimizer, request: dict, loaded: dict) -> None:
+    """Puts what a load returned for optimizer_request where megatron-core's load_state_dict
+    takes it (the distributed optimizer's boxes are already in place)."""
+    if optimizer_shards.is_distributed(optimizer):
+        optimizer_shards.loaded_into_place(optimizer, request, loaded)
 
 
 def unwrap_chunks(model) -> list:

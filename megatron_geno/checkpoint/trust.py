@@ -124,11 +124,32 @@ def weights_only_load(data: io.BytesIO | str | Path, what: str):
 # torch.distributed.checkpoint's reader, with the metadata read above
 
 class TrustedReader(FileSystemReader):
-    """A FileSystemReader whose metadata comes from read_dcp_metadata (read once)."""
+    """A FileSystemReader whose metadata comes from read_dcp_metadata (read once); given the
+    checkpoint's checksums (checksums.json), every stored item is checked against its CRC32C as
+    it is read, so a load verifies exactly the bytes it uses, with no pass of its own."""
 
-    def __init__(self, path, *args, **kwargs) -> None:
+    def __init__(self, path, *args, checksums: Optional[dict] = None, **kwargs) -> None:
         super().__init__(path)
         self._trusted_metadata: Optional[Metadata] = None
+        self._expected = None if checksums is None else {
+            (item.get("file"), item.get("offset")): item for item in checksums["items"]}
+
+    def _slice_file(self, file, sinfo):
+        if self._expected is None:
+            return super()._slice_file(file, sinfo)
+        import google_crc32c
+
+        where = Path(self.path) / sinfo.relative_path
+        expected = self._expected.get((sinfo.relative_path, sinfo.offset))
+        file.seek(sinfo.offset)
+        data = file.read(sinfo.length)
+        if expected is None:
+            raise CheckpointError(f"{where}: bytes {sinfo.offset}..{sinfo.offset + sinfo.length}"
+                                  f" have no checksum in {CHECKSUMS}; refusing the checkpoint")
+        if len(data) != sinfo.length or google_crc32c.value(data) != expected["crc32c"]:
+            raise CheckpointError(f"{where}: tensor {expected['item']} fails its content checksum"
+                                  f" (bytes {sinfo.offset}..{sinfo.offset + sinfo.length})")
+        return io.BytesIO(data)
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if self._trusted_metadata is None:
