@@ -86,7 +86,8 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
         # the resolved stack that wrote it (runtime.Runtime): spec, experts, precision, ...
         "runtime": runtime.to_dict() if runtime is not None else None,
     }
-    finish = partial(seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml())
+    finish = partial(seal_and_publish, save, tmp, final, state.iteration, cfg.to_yaml(),
+                     cfg.checkpoint.keep_last)
     try:
         writer = strategy.save_strategy(_replica_group())
         if async_queue is None:

@@ -146,6 +146,14 @@ def warmup_steps(schedule: "ScheduleConfig") -> int:
 class CheckpointConfig:
     save: Optional[str] = None
     save_interval: int = 0  # 0: only at the end and on SIGTERM/SIGUSR1
+    # also save when this many minutes of wall time have passed since the last save (or the
+    # start); 0: off. Every rank agrees on it one step later (the signal flag's reduction)
+    save_interval_minutes: float = 0.0
+    # retention: after each save, remove this directory's complete checkpoints older than the
+    # newest keep_last (0: keep all). Never removed: the one `latest` names, the end of a phase
+    # (iteration = schedule.train_iters of the run that saved it), an iteration holding a file
+    # named KEEP, and anything in an iter_* directory that this project did not write
+    keep_last: int = 0
     load: Optional[str] = None
     weights_only: bool = False  # load model weights only: fresh optimizer, schedule and data position
     # check every stored byte against the checksums written at save before loading (one extra
@@ -460,6 +468,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "schedule.eval_iters": (0, INF, True, False),
     "schedule.seed": (0, 2**63 - 1, True, True),
     "checkpoint.save_interval": (0, INF, True, False),
+    "checkpoint.save_interval_minutes": (0, INF, True, False),
+    "checkpoint.keep_last": (0, INF, True, False),
     "logging.log_interval": (1, INF, True, False),
     "eval.window": (2, INF, True, False),
     "eval.windows": (1, INF, True, False),

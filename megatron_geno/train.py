@@ -144,23 +144,40 @@ class StopSignal:
                     signum, " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "")
         self.received = True
 
-    def any_rank(self) -> bool:
-        """Whether any rank had received a signal by the previous call (False at the first)."""
+    def any_rank(self, save_due: bool = False) -> tuple[bool, bool]:
+        """(whether any rank had received a signal, whether any rank's SaveClock said a save was
+        due) by the previous call ((False, False) at the first)."""
         answer = self.close()
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        flag = torch.tensor([1.0 if self.received else 0.0, 1.0 if save_due else 0.0])
         work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX,
                                             group=self.group, async_op=True)
         self.pending = (flag, work)
         return answer
 
-    def close(self) -> bool:
+    def close(self) -> tuple[bool, bool]:
         """Finishes the reduction in flight (before the groups go away); returns its answer."""
         if self.pending is None:
-            return False
+            return False, False
         flag, work = self.pending
         self.pending = None
         work.wait()
-        return bool(flag.item())  # a CPU tensor: no device synchronisation
+        received, due = flag.tolist()  # a CPU tensor: no device synchronisation
+        return bool(received), bool(due)
+
+
+class SaveClock:
+    """checkpoint.save_interval_minutes: a save is due when that much wall time has passed since
+    the last save (or the start). clock: seconds, monotonic (a fake one in tests)."""
+
+    def __init__(self, minutes: float, clock=time.monotonic) -> None:
+        self.seconds, self.clock = minutes * 60.0, clock
+        self.last = clock()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and self.clock() - self.last >= self.seconds
+
+    def saved(self) -> None:
+        self.last = self.clock()
 
 
 def with_padded_vocab(cfg: TrainConfig, vocab_size: int,
@@ -272,6 +289,7 @@ class TrainingRun:
                                      quiet=cfg.logging.quiet)
                        if self.rank0 else None)
         self.stop = StopSignal(cfg.checkpoint.save_on_signal)
+        self.save_clock = SaveClock(cfg.checkpoint.save_interval_minutes)
         self.async_saves = None
         if cfg.checkpoint.async_save and cfg.checkpoint.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -421,6 +439,7 @@ class TrainingRun:
         if steps and not math.isfinite(loss := reduce_loss(totals)):
             raise TrainingDiverged(self.diverged(self.state.iteration, f"the loss is {loss}"))
         self.finish_saves(blocking=True)  # one save in flight at a time
+        self.save_clock.saved()
         path = save_checkpoint(self.cfg, self.model, self.optimizer, self.scheduler,
                                self.state, self.async_saves, self.runtime)
         if self.async_saves is None:
@@ -464,7 +483,8 @@ class TrainingRun:
             steps, seconds, totals = self.pending
             self.pending = (steps + 1, seconds + elapsed, totals + loss_totals(outputs, self.device))
             it = self.state.iteration
-            stopping = self.stop.any_rank() or bool(s.stop_after and it >= s.stop_after)
+            signalled, time_due = self.stop.any_rank(self.save_clock.due())
+            stopping = signalled or bool(s.stop_after and it >= s.stop_after)
             # the last step of a run is always recorded, however it ends
             log_due = (it % self.cfg.logging.log_interval == 0 or it == s.train_iters
                        or stopping)
@@ -480,7 +500,7 @@ class TrainingRun:
             if stopping:
                 self.save()
                 break
-            if interval and it % interval == 0 and it < s.train_iters:
+            if it < s.train_iters and ((interval and it % interval == 0) or time_due):
                 self.save()
         else:
             self.save()

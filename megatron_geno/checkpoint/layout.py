@@ -99,22 +99,31 @@ def resume_point(save: str | Path, fallback: bool = True) -> Optional[Path]:
         iteration, problem = None, str(err)
     else:
         if iteration is None:
-            return None
-        problem = integrity.structural_fault(iteration_dir(save, iteration))
+            if not complete_checkpoints(save):
+                return None
+            problem = "it is missing"  # but complete checkpoints are there: never start over
+        else:
+            problem = integrity.structural_fault(iteration_dir(save, iteration))
         if problem is None:
             return iteration_dir(save, iteration)
     candidates = complete_checkpoints(save)
     if not candidates:
-        raise CheckpointError(f"{marker} names a damaged checkpoint ({problem}) and {save} holds "
-                              f"no other complete checkpoint")
+        raise CheckpointError(f"{_latest_problem(marker, problem)} and {save} holds no other "
+                              f"complete checkpoint")
     if not fallback:
         newest = int(_ITER_DIR.match(candidates[0].name).group(1))
-        raise CheckpointError(f"{marker} names a damaged checkpoint ({problem}); the newest "
-                              f"complete one is {candidates[0]}: give --iteration {newest} to "
-                              f"use it")
-    log.warning("%s names a damaged checkpoint (%s); resuming from %s, the newest complete "
-                "checkpoint", marker, problem, candidates[0])
+        raise CheckpointError(f"{_latest_problem(marker, problem)}; the newest complete one "
+                              f"is {candidates[0]}: give --iteration {newest} (or that "
+                              f"directory) to use it")
+    log.warning("%s; resuming from %s, the newest complete checkpoint",
+                _latest_problem(marker, problem), candidates[0])
     return candidates[0]
+
+
+def _latest_problem(marker: Path, problem: str) -> str:
+    if problem == "it is missing":
+        return f"{marker.parent} holds complete checkpoints but no 'latest' file"
+    return f"{marker} names a damaged checkpoint ({problem})"
 
 
 def resume_target(cfg: TrainConfig) -> tuple[TrainConfig, Optional[Path]]:
@@ -122,18 +131,54 @@ def resume_target(cfg: TrainConfig) -> tuple[TrainConfig, Optional[Path]]:
 
     With checkpoint.auto_resume (default) and a checkpoint already in checkpoint.save, cfg is set
     to resume from it: a restarted or requeued run continues itself (model, optimizer, schedule,
-    data position) instead of starting again from checkpoint.load, which for a later phase is
-    the previous phase's checkpoint, read weights-only. Otherwise checkpoint.load's (if any).
+    data position) instead of starting again from checkpoint.load when that is a weights-only
+    start (a later phase reading the previous phase's checkpoint). A full checkpoint.load (not
+    weights_only) is what the user asked to continue from and wins over auto-resume; both cases
+    are said at start-up. A run never starts where its saves would replace complete checkpoints
+    already in checkpoint.save (refused in one line, before anything is built).
     """
     c = cfg.checkpoint
     point = resume_point(c.save) if c.auto_resume and c.save else None
-    if point is None:
-        return cfg, resolve_checkpoint_dir(c.load) if c.load else None
-    if c.load and Path(c.load).resolve() == Path(c.save).resolve() and not c.weights_only:
-        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point))), point
-    log.info("resuming from %s; checkpoint.load=%s is not used", point, c.load)
-    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point),
-                                                                   weights_only=False)), point
+    same_dir = bool(c.load and c.save and Path(c.load).resolve() == Path(c.save).resolve())
+    if point is not None and (not c.load or same_dir or c.weights_only):
+        if c.load and not same_dir:
+            log.warning("resuming from %s (checkpoint.auto_resume: this run's own newest "
+                        "checkpoint); the weights-only checkpoint.load=%s is not used", point,
+                        c.load)
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(c, load=str(point),
+                                                                      weights_only=False))
+        target = point
+    else:
+        target = resolve_checkpoint_dir(c.load) if c.load else None
+        if point is not None:
+            log.warning("loading checkpoint.load=%s as asked; checkpoint.auto_resume would have "
+                        "resumed from %s", target, point)
+    if c.save:
+        start = 0 if target is None or cfg.checkpoint.weights_only else _iteration_of(target)
+        _refuse_overwrite(Path(c.save), start, target)
+    return cfg, target
+
+
+def _iteration_of(ckpt: Path) -> int:
+    match = _ITER_DIR.match(ckpt.name)
+    if match:
+        return int(match.group(1))
+    state = read_common(ckpt).get("train_state")  # a directory of another name (from-hf's)
+    return int(state.get("iteration", 0)) if isinstance(state, dict) else 0
+
+
+def _refuse_overwrite(save: Path, start: int, target: Optional[Path]) -> None:
+    """CheckpointError when SAVE holds a complete checkpoint this run's saves would replace: one
+    at an iteration beyond START (another run's, or this one's before a rollback)."""
+    for ckpt in complete_checkpoints(save):
+        iteration = int(_ITER_DIR.match(ckpt.name).group(1))
+        if iteration < start or (iteration == start and target is not None
+                                 and ckpt.resolve() == target.resolve()):
+            break
+        raise CheckpointError(
+            f"checkpoint.save={save} holds the complete checkpoint {ckpt.name}, which this run "
+            f"(starting at iteration {start}) would replace: give another checkpoint.save, or "
+            f"continue it (checkpoint.load={save})")
 
 
 @dataclass(frozen=True)
@@ -252,7 +297,53 @@ def _publish(save: Path, tmp: Path, final: Path, iteration: int) -> None:
     old = publish_dir(tmp, final, replace=True)  # moved aside: iter_N.replaced
     write_text_atomic(save / "latest", f"{iteration}\n")
     if old is not None:
-        shutil.rmtree(old)
+        _remove_ours(old, f"re-saving {final.name}")
+
+
+# what a save writes into iter_N (megatron-core's torch_dist files, ours); nothing else is removed
+_OURS = re.compile(r"^(__\d+_\d+\.distcp|__\d+_\d+\.distcp\.crc32c|\.metadata|common\.pt|"
+                   r"metadata\.json|checksums\.json|config\.yaml)$")
+KEEP_MARK = "KEEP"
+
+
+def prune(save: Path, keep_last: int) -> list[Path]:
+    """checkpoint.keep_last: removes SAVE's complete checkpoints older than the newest KEEP_LAST
+    and returns them. Kept whatever their age: the one ``latest`` names, the end of a phase (its
+    iteration reached the saving run's schedule.train_iters: what the next phase loads), and an
+    iteration holding a file named KEEP. Only files a save writes are removed; a directory that
+    holds anything else keeps it (and stays, with a warning)."""
+    try:
+        named = latest_iteration(save)
+    except CheckpointError:
+        named = None
+    removed = []
+    for ckpt in complete_checkpoints(save)[keep_last:]:
+        match = _ITER_DIR.match(ckpt.name)
+        iteration = int(match.group(1))
+        if match.group(2) or iteration == named or (ckpt / KEEP_MARK).exists():
+            continue
+        try:
+            train_iters = _saved_config(ckpt).get("schedule", {}).get("train_iters")
+        except CheckpointError:
+            train_iters = None
+        if train_iters is None or iteration >= int(train_iters):
+            continue  # the end of a phase, or unknown: kept
+        _remove_ours(ckpt, "checkpoint.keep_last")
+        removed.append(ckpt)
+    return removed
+
+
+def _remove_ours(ckpt: Path, why: str) -> None:
+    """Removes the files a save wrote into CKPT, then CKPT if nothing else is left in it."""
+    for f in ckpt.iterdir():
+        if _OURS.match(f.name) and f.is_file():
+            f.unlink()
+    others = sorted(f.name for f in ckpt.iterdir())
+    if others:
+        log.warning("%s: removed the checkpoint files of %s but kept the directory: it holds "
+                    "files this project did not write (%s)", why, ckpt, ", ".join(others[:5]))
+    else:
+        ckpt.rmdir()
 
 
 def checkpoint_bytes(cfg: TrainConfig, vocab_size: int) -> int:
@@ -278,7 +369,8 @@ class _SealFailed(RuntimeError):
     """Rank 0 could not write the seal, the config or ``latest``; raised on every rank."""
 
 
-def seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str) -> None:
+def seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config: str,
+                     keep_last: int = 0) -> None:
     """After every rank has written its part of tmp: checksums.json from the checksums the
     writers computed (nothing is read back), then (rank 0) the rename to final and ``latest``.
     A failure on rank 0 is raised on every rank (_SealFailed), so that all of them leave the
@@ -293,6 +385,9 @@ def seal_and_publish(save: Path, tmp: Path, final: Path, iteration: int, config:
             _publish(save, tmp, final, iteration)
         except (OSError, CheckpointError) as err:
             failed = [err]
+        else:
+            if keep_last:
+                prune(save, keep_last)
     torch.distributed.broadcast_object_list(failed, src=0)
     if failed[0] is not None:
         raise _SealFailed(str(failed[0])) from failed[0]
