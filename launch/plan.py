@@ -126,16 +126,14 @@ def _parameters_here(cfg: TrainConfig, dp: int, expert_dp: int) -> tuple[float, 
 def save_host_memory(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
     """Host (CPU) memory a checkpoint save takes for a while, in bytes per process, by part.
 
-    The optimizer state is saved in its layout-free form: megatron-core's memory-efficient
-    option gathers it over gloo into the host memory of data-parallel rank 0 only (fp32 master
-    weights and both Adam moments, 12 B per parameter of its model-parallel shard); no GPU memory
-    is used for it. checkpoint.async_save also stages each process's part (its bf16 weights and
-    its own optimizer shard) in host memory while the writer runs."""
+    Every rank writes its own share and no rank gathers another's (megatron_geno.checkpoint.
+    optimizer_shards): its own optimizer shard (fp32 master weights and both Adam moments, 12 B
+    per parameter of it) and its 1/DP of the replicated bf16 weights (megatron-core's fully
+    parallel save spreads them over the data-parallel group), staged in host memory for
+    torch_dist's writer, synchronous or checkpoint.async_save alike."""
     params, optimizer_shards = _parameters_here(cfg, dp, expert_dp)
-    memory = {"optimizer state gathered (DP rank 0 only)": 12 * params}
-    if cfg.checkpoint.async_save:
-        memory["staged for the background writer (every rank)"] = 2 * params + 12 * optimizer_shards
-    return memory
+    return {"own share staged for the writer (every rank, no gather)":
+            2 * params / dp + 12 * optimizer_shards}
 
 
 def memory_per_gpu(cfg: TrainConfig, dp: int, expert_dp: int) -> dict[str, float]:
@@ -222,6 +220,39 @@ def plan(cfg: TrainConfig, world_size: int, token_budget: float | None,
                 save_host_memory(cfg, dp, expert_dp))
 
 
+ASSUMED_MFU = 0.35  # for when saves fall in time: a plan, not a measurement
+
+
+def save_schedule(cfg: TrainConfig, result: Plan) -> str:
+    """When saves fall: by step (checkpoint.save_interval), by wall time (checkpoint.
+    save_interval_minutes, over a step time expected at ASSUMED_MFU of an H100's bf16 peak),
+    and what retention keeps."""
+    from megatron_geno.arithmetic import flops_per_token
+    from megatron_geno.metrics import PEAK_BF16_FLOPS
+
+    c = cfg.checkpoint
+    if not c.save:
+        return "saves      none (checkpoint.save is not set)"
+    vocab = cfg.model.padded_vocab_size or 128
+    step_s = (result.tokens_per_step * flops_per_token(cfg.model, vocab, cfg.data.seq_length)
+              / (result.world_size * PEAK_BF16_FLOPS["H100"] * ASSUMED_MFU))
+    parts = [f"a step ~{step_s / 60:.1f} min at {ASSUMED_MFU:.0%} MFU"]
+    if c.save_interval:
+        parts.append(f"every {c.save_interval:,d} steps (~{c.save_interval * step_s / 3600:.1f} h)")
+    if c.save_interval_minutes:
+        every = max(1, math.ceil(c.save_interval_minutes * 60 / step_s))
+        parts.append(f"every {c.save_interval_minutes:g} min of wall time (~every {every:,d} "
+                     f"steps)")
+    if result.steps:
+        due = [c.save_interval] if c.save_interval else []
+        if c.save_interval_minutes:
+            due.append(max(1, math.ceil(c.save_interval_minutes * 60 / step_s)))
+        count = (result.steps - 1) // min(due) if due else 0
+        parts.append(f"~{count:,d} saves in {result.steps:,d} steps, plus the end")
+    parts.append(f"keeping the last {c.keep_last}" if c.keep_last else "keeping all")
+    return "saves      " + "; ".join(parts)
+
+
 def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> str:
     p = cfg.parallel
     lines = [
@@ -246,6 +277,7 @@ def format_plan(cfg: TrainConfig, result: Plan, token_budget: float | None) -> s
     save = result.save_host
     lines.append("save       host memory per process while a checkpoint is written: "
                  + "; ".join(f"{v / GIB:.1f} GiB {k}" for k, v in save.items()))
+    lines.append(save_schedule(cfg, result))
     room = (f"{result.gpu_gib * (1 - HEADROOM):.1f} GiB ({result.gpu_gib:g} GiB per GPU less "
             f"{HEADROOM:.0%} headroom)")
     best = result.largest_micro_batch

@@ -87,6 +87,9 @@ def test_published_layouts_pass_with_the_derived_numbers(recipe):
     assert c.optimizer.lr == 1e-4 and c.optimizer.min_lr == 1e-5 and c.precision == "bf16"
     if launch.phase > 1:
         assert c.checkpoint.weights_only and c.checkpoint.load.endswith("checkpoints")
+        # the long phases save at least 4 times by step and at least every 30 minutes
+        assert result.steps // c.checkpoint.save_interval >= 4
+        assert 0 < c.checkpoint.save_interval_minutes <= 30 and c.checkpoint.keep_last >= 2
     if "10b" in recipe:
         assert (p.tensor_parallel, p.pipeline_parallel, p.expert_parallel) == (2, 2, 2)
         assert p.context_parallel >= 2
@@ -165,6 +168,8 @@ def test_cli_dry_run_prints_the_plan_and_bad_layouts_exit_2(capsys, tmp_path):
                  "--dry-run", "--container", "nvcr.io/lab/geno:1", run_dir]) == 0
     out = capsys.readouterr().out
     assert "DP 4 = 32 GPUs" in out and "tokens/step" in out and "GiB per GPU" in out
+    assert "every 30 min of wall time" in out and "keeping the last 3" in out
+    assert "no gather" in out and "DP rank 0" not in out
     assert "sbatch --nodes=4 --gpus-per-node=8" in out  # several nodes: a SLURM job
     assert "--export=ALL,PYTHON=python3,GENO_CONTAINER=nvcr.io/lab/geno:1" in out
     written = sorted(p.name for p in (tmp_path / "run" / "launch").iterdir())
