@@ -156,8 +156,8 @@ class CheckpointConfig:
     keep_last: int = 0
     load: Optional[str] = None
     weights_only: bool = False  # load model weights only: fresh optimizer, schedule and data position
-    # check every stored byte against the checksums written at save before loading (one extra
-    # read of the checkpoint, shared between ranks)
+    # check every stored item a rank reads against the checksums computed as it was written
+    # (during the load itself: no extra read)
     verify_checksums: bool = True
     save_on_signal: bool = True
     # write checkpoints in the background (megatron-core's asynchronous torch_dist save): the
