@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+log = logging.getLogger(__name__)
+
+# flock's errors on filesystems without it (NFS without lockd, Lustre mounted without flock)
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 _OUT_OF_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -162,6 +169,16 @@ def publish_dir(tmp: str | Path, final: str | Path, replace: bool = False,
     return old if old is not None and old.exists() else None
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class DirectoryLocked(RuntimeError):
     """Another process holds the directory's writer lock; the message names it."""
 
@@ -170,13 +187,17 @@ class DirectoryLock:
     """One writer per output directory: an advisory lock (``fcntl.flock``) on DIR/.geno-NAME.lock,
     which holds the holder's host and pid. The kernel releases it when the holder exits, however
     it ends (a SIGKILLed writer leaves no stale lock). On a shared filesystem it holds across
-    nodes where the filesystem supports flock (NFSv4, Lustre mounted with ``flock``)."""
+    nodes where the filesystem supports flock (NFSv4, Lustre mounted with ``flock``). Where
+    flock is not supported (ENOLCK, EOPNOTSUPP), the lock is DIR/.geno-NAME.lockfile, created
+    exclusively (O_EXCL), holding host and pid, with a warning: a holder killed by SIGKILL leaves
+    it, taken over only from a dead process on the same host."""
 
     def __init__(self, directory: str | Path, name: str = "writer") -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f".geno-{name}.lock"
         self.fd = None
+        self.lockfile: Optional[Path] = None
         fd = None
         try:
             while True:
@@ -190,6 +211,15 @@ class DirectoryLock:
                     fd = None
                     raise DirectoryLocked(f"{directory} is being written by {holder}; wait for "
                                           f"it to end or write elsewhere") from None
+                except OSError as err:
+                    if err.errno not in _NO_FLOCK:
+                        raise
+                    os.close(fd)
+                    fd = None
+                    if self.path.stat().st_size == 0:  # the file just made for flock
+                        self.path.unlink(missing_ok=True)
+                    self._take_lockfile(directory, name, err)
+                    return
                 try:  # a releasing holder unlinks the file: the lock taken must be on the live one
                     if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                         break
@@ -213,9 +243,38 @@ class DirectoryLock:
             raise
         self.fd = fd
 
+    def _take_lockfile(self, directory: Path, name: str, why: OSError) -> None:
+        path = directory / f".geno-{name}.lockfile"
+        me = f"host {socket.gethostname()} pid {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                holder = path.read_text(errors="replace").strip() or "another process"
+                match = re.fullmatch(r"host (\S+) pid (\d+)", holder)
+                if match and match.group(1) == socket.gethostname() \
+                        and not _process_alive(int(match.group(2))):
+                    path.unlink(missing_ok=True)  # its holder died without releasing it
+                    continue
+                raise DirectoryLocked(
+                    f"{directory} is being written by {holder} (this filesystem has no flock; "
+                    f"the lock is {path}: remove it if that process is gone)") from None
+            os.write(fd, f"{me}\n".encode())
+            os.fsync(fd)
+            os.close(fd)
+            self.lockfile = path
+            log.warning("%s: flock is not supported here (%s); locked with the file %s instead "
+                        "(a writer killed with SIGKILL leaves it behind)", directory,
+                        os.strerror(why.errno), path)
+            return
+        raise DirectoryLocked(f"{directory}: could not take the lock file {path}")
+
     def release(self) -> None:
         """Removes the lock file (while still holding it) and releases the lock. A writer that
         dies without this leaves the file, holding its last holder's name, but no lock."""
+        if self.lockfile is not None:
+            self.lockfile.unlink(missing_ok=True)
+            self.lockfile = None
         if self.fd is not None:
             self.path.unlink(missing_ok=True)
             os.close(self.fd)  # closing the descriptor releases the lock

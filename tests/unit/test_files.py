@@ -32,3 +32,39 @@ def test_published_files_and_directories_get_the_umask_mode(tmp_path, umask):
         assert _mode(tmp_path / name) == 0o666 & ~umask, name
     assert _mode(tmp_path / "hf") == 0o777 & ~umask
     assert (tmp_path / "latest").read_text() == "5\n"
+
+
+def test_directory_lock_falls_back_to_an_exclusive_lock_file_without_flock(tmp_path, monkeypatch,
+                                                                            caplog):
+    import errno
+    import socket
+    import subprocess
+    import sys
+
+    from megatron_geno import files
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(files.fcntl, "flock", no_flock)
+    first = files.DirectoryLock(tmp_path)
+    lockfile = tmp_path / ".geno-writer.lockfile"
+    assert lockfile.read_text().strip() == f"host {socket.gethostname()} pid {os.getpid()}"
+    assert not (tmp_path / ".geno-writer.lock").exists()
+    assert "flock is not supported" in caplog.text
+    with pytest.raises(files.DirectoryLocked, match=f"pid {os.getpid()}.*no flock"):
+        files.DirectoryLock(tmp_path)  # a live holder: refused
+    first.release()
+    assert not lockfile.exists()
+    # a holder on this host that has died (SIGKILL left its file): taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    lockfile.write_text(f"host {socket.gethostname()} pid {dead}\n")
+    second = files.DirectoryLock(tmp_path)
+    assert lockfile.read_text().strip().endswith(f"pid {os.getpid()}")
+    second.release()
+    # a holder on another host is never taken over
+    lockfile.write_text("host elsewhere-node pid 1\n")
+    with pytest.raises(files.DirectoryLocked, match="elsewhere-node"):
+        files.DirectoryLock(tmp_path)
+    assert lockfile.read_text() == "host elsewhere-node pid 1\n"
