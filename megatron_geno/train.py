@@ -28,6 +28,7 @@ from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
     SavedRun,
     TrainState,
+    check_architecture,
     checkpoint_bytes,
     load_checkpoint,
     read_saved_run,
@@ -253,6 +254,10 @@ class TrainingRun:
             if warning:
                 log.warning("%s", warning)
         self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size, self.saved_run)
+        if self.saved_run is not None and "model_config" in self.saved_run.common:
+            # refused before the data, the model and the optimizer cost time and memory
+            check_architecture(self.saved_run.common["model_config"], cfg.model,
+                               self.saved_run.path)
         self.runtime = runtime = dataclasses.replace(
             runtime, padded_vocab_size=cfg.model.padded_vocab_size)
         self.device = runtime.torch_device()

@@ -225,9 +225,19 @@ def load_model_weights(chunks: list, ckpt: Path, common: dict) -> None:
     apply_model_weights(chunks, loaded["model"], common, ckpt)
 
 
+def _derived(fields: dict) -> dict:
+    """The model fields with the values megatron-core derives when unset (kv_channels =
+    hidden_size / heads), so an explicit value equal to the derived one is no difference."""
+    if fields.get("kv_channels") is None and fields.get("hidden_size") \
+            and fields.get("num_attention_heads"):
+        fields["kv_channels"] = fields["hidden_size"] // fields["num_attention_heads"]
+    return fields
+
+
 def check_architecture(saved: dict, model: ModelConfig, where: Path) -> None:
     """Raises CheckpointError naming the first architecture field that differs."""
-    current = dataclasses.asdict(model)
+    current = _derived(dataclasses.asdict(model))
+    saved = _derived(dict(saved))
     for name in ARCHITECTURE_FIELDS:
         if name in saved and saved[name] != current[name]:
             raise CheckpointError(

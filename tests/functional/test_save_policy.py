@@ -94,3 +94,29 @@ def test_runs_that_would_replace_complete_checkpoints_are_refused_and_change_not
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert _iterations(other) == ["iter_0000003"]
     shutil.rmtree(other)
+
+
+def test_a_different_architecture_is_refused_before_the_model_is_built(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.functional.launcher import quiet_env
+
+    save = tmp_path / "ck"
+    first = train(tmp_path / "run", "schedule.train_iters=2", f"checkpoint.save={save}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    # genos-1.2b (a 1.2B model: ~20 GB of host memory with its optimizer) against the tiny
+    # checkpoint; the child's peak memory is measured from outside (its rusage)
+    script = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], "
+              "capture_output=True, text=True); sys.stderr.write(p.stderr); "
+              "print(p.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    cmd = [sys.executable, "-c", script, sys.executable, "-m", "megatron_geno.cli",
+           "--preset", "genos-1.2b", "data.seq_length=128", "data.micro_batch_size=1",
+           "data.global_batch_size=1", f"logging.run_dir={tmp_path / 'big'}",
+           f"checkpoint.load={save}", "logging.tensorboard=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=quiet_env())
+    code, peak_kib = map(int, proc.stdout.split())
+    assert code == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "model.num_layers" in errors[0], proc.stderr[-3000:]
+    assert peak_kib < 2 * 2**20, f"the refused run peaked at {peak_kib / 2**20:.1f} GiB"
