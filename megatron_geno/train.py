@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -26,10 +27,12 @@ from megatron_geno import distributed, quiet, without_te
 from megatron_geno.arithmetic import flops_per_token, resolve_padded_vocab
 from megatron_geno.attention import flash_refusal
 from megatron_geno.checkpointing import (
+    CheckpointError,
     SavedRun,
     TrainState,
     check_architecture,
     checkpoint_bytes,
+    complete_checkpoints,
     load_checkpoint,
     read_saved_run,
     resume_target,
@@ -384,11 +387,37 @@ class TrainingRun:
                                                  f"non-finite values ({what or err})")) from None
 
     def diverged(self, iteration: int, what: str) -> str:
-        last = self.saved[-1] if self.saved else None
+        """The message of TrainingDiverged (every rank raises it at the same step: the loss and
+        the gradient norm are reduced over all of them). A background save in flight holds
+        weights from before and is finished and sealed first (or removed if it failed)."""
+        try:
+            self.finish_saves(blocking=True)
+        except CheckpointError as err:  # save_failed removed its partial directory
+            log.warning("%s", err)
+        last = self.newest_complete()
         return (f"iteration {iteration}: {what}; nothing was saved from these "
                 f"weights. The last good checkpoint is "
                 + (f"{last}" if last else "none of this run's")
                 + ": resume from it with a lower optimizer.lr, or optimizer.clip_grad > 0")
+
+    def newest_complete(self) -> Optional[Path]:
+        """The newest complete checkpoint in checkpoint.save (this run's or one it resumed)."""
+        save = self.cfg.checkpoint.save
+        found = complete_checkpoints(save) if save else []
+        return found[0] if found else (self.saved[-1] if self.saved else None)
+
+    def abandon_save(self) -> None:
+        """On an error that not every rank may share (no collective can run): the background
+        save in flight cannot be sealed, so rank 0 removes its unsealed directory; ``latest``
+        still names a complete checkpoint, which is said."""
+        if self.async_saves is None or not self.async_saves.get_num_unfinalized_calls():
+            return
+        if self.rank0:
+            tmp = self.writing.with_name(self.writing.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.newest_complete()
+            log.error("the background save of %s was not finished and is removed; the newest "
+                      "complete checkpoint is %s", self.writing, last or "none")
 
     def validation_loss(self) -> float:
         iters = self.cfg.schedule.eval_iters
@@ -473,6 +502,11 @@ class TrainingRun:
         """Trains to the end (or a stop); checkpoint.save's lock is released however it ends."""
         try:
             return self._run()
+        except TrainingDiverged:
+            raise  # its message was made after settling the save in flight
+        except BaseException:
+            self.abandon_save()
+            raise
         finally:
             if self.lock is not None:
                 self.lock.release()

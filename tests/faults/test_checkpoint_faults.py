@@ -260,13 +260,16 @@ def test_a_second_run_on_the_same_save_directory_is_refused(ck, tmp_path):
         assert stat.S_IMODE(published.stat().st_mode) == 0o666 & ~umask, published
 
 
-def test_diverging_training_is_one_line_naming_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_diverging_training_is_one_line_naming_the_last_good_checkpoint(tmp_path, background):
     """Non-finite gradients (an lr of 1e12 brings them at step 2, before its save): one line
-    with the iteration and the last good checkpoint; nothing saved after it."""
+    with the iteration and the last good checkpoint; nothing saved after it. With async saves,
+    step 1's save is still in flight at step 2: it is finished and sealed, then named."""
     ck = tmp_path / "ck"
     line = error_line(train(tmp_path / "run", "schedule.train_iters=20", "optimizer.lr=1e12",
                             "optimizer.min_lr=1e11", "schedule.warmup_iters=0",
                             "optimizer.clip_grad=0", "checkpoint.save_interval=1",
+                            f"checkpoint.async_save={str(background).lower()}",
                             f"checkpoint.save={ck}"))
     assert "iteration 2: the gradient norm is nan" in line, line
     assert str(ck / "iter_0000001") in line and "nothing was saved" in line
