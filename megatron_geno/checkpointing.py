@@ -32,7 +32,7 @@ from megatron_geno import without_te
 from megatron_geno.checkpoint import strategy
 from megatron_geno.checkpoint.integrity import seal, structural_fault
 from megatron_geno.checkpoint.layout import (
-    TE_KEY_ALIASES, SavedRun, checkpoint_bytes, complete_checkpoints, config_changes,
+    TE_KEY_ALIASES, SavedRun, check_data_position, checkpoint_bytes, complete_checkpoints, config_changes,
     iteration_dir, latest_iteration, open_for_loading, read_common, read_saved_run,
     resolve_checkpoint_dir, resume_point, resume_report, resume_target, save_failed,
     saved_tokenizer, seal_and_publish, space_warning, tokenizer_key,
@@ -49,7 +49,8 @@ from megatron_geno.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "SavedRun", "TE_KEY_ALIASES", "TrainState", "checkpoint_bytes",
+__all__ = ["CheckpointError", "SavedRun", "TE_KEY_ALIASES", "TrainState", "check_data_position",
+           "checkpoint_bytes",
            "check_architecture", "complete_checkpoints", "config_changes", "iteration_dir",
            "latest_iteration", "load_checkpoint", "load_model_weights", "open_for_loading",
            "read_common", "read_saved_run", "resolve_checkpoint_dir", "resume_point",
@@ -162,6 +163,10 @@ def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: Sa
     if "rng_state" in loaded:
         restore_rng_state(loaded["rng_state"])
     state = TrainState(**loaded["train_state"])
+    if cfg.checkpoint.reset_data_position:
+        log.info("checkpoint.reset_data_position: the data starts from its beginning (the "
+                 "checkpoint had consumed %s samples)", f"{state.consumed_samples:,d}")
+        state = dataclasses.replace(state, consumed_samples=0)
     carried = ["weights", "Adam moments" + (" (regrouped for this layout's optimizers)"
                                             if regrouped else ""),
                f"schedule and data position (iteration {state.iteration}, "

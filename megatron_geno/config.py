@@ -167,6 +167,10 @@ class CheckpointConfig:
     # resume from `save` when it already holds a checkpoint (a restart or SLURM requeue), in place
     # of `load`: a later phase keeps load=<previous phase> + weights_only and still resumes itself
     auto_resume: bool = True
+    # a full resume whose data.seq_length, data.global_batch_size, data.source or data.blend
+    # differs from the checkpoint's is refused (its sample count would point at other data);
+    # true: accept it and start the data from its beginning (weights, optimizer, schedule kept)
+    reset_data_position: bool = False
 
 
 @dataclass

@@ -31,6 +31,7 @@ from megatron_geno.checkpointing import (
     SavedRun,
     TrainState,
     check_architecture,
+    check_data_position,
     checkpoint_bytes,
     complete_checkpoints,
     load_checkpoint,
@@ -261,6 +262,8 @@ class TrainingRun:
             # refused before the data, the model and the optimizer cost time and memory
             check_architecture(self.saved_run.common["model_config"], cfg.model,
                                self.saved_run.path)
+        if self.saved_run is not None:
+            check_data_position(self.saved_run, cfg)
         self.runtime = runtime = dataclasses.replace(
             runtime, padded_vocab_size=cfg.model.padded_vocab_size)
         self.device = runtime.torch_device()

@@ -452,6 +452,27 @@ def config_changes(saved_run: SavedRun, cfg: TrainConfig) -> list[str]:
             if key not in _ROUTINE_KEYS and saved.get(key) != now.get(key) and key in saved]
 
 
+_DATA_POSITION_KEYS = ("data.seq_length", "data.global_batch_size", "data.source", "data.blend")
+
+
+def check_data_position(saved_run: SavedRun, cfg: TrainConfig) -> None:
+    """CheckpointError when a full resume would carry the checkpoint's data position (a sample
+    count) into data it does not describe: another sequence length, global batch, source or
+    blend. checkpoint.reset_data_position (or weights_only) accepts the change."""
+    c = cfg.checkpoint
+    if c.weights_only or c.reset_data_position or saved_run.weights_only or not saved_run.config:
+        return
+    saved, now = flat_keys(saved_run.config), flat_keys(cfg.to_dict())
+    for key in _DATA_POSITION_KEYS:
+        if key in saved and saved[key] != now[key]:
+            raise CheckpointError(
+                f"checkpoint {saved_run.path} was saved with {key}={saved[key]} and this run says "
+                f"{key}={now[key]}: its data position would point at other data. Add "
+                f"checkpoint.reset_data_position=true to keep weights, optimizer and schedule and "
+                f"start the data from its beginning, or checkpoint.weights_only=true for a new "
+                f"run from the weights")
+
+
 def resume_report(saved_run: SavedRun, cfg: TrainConfig, carried: list[str],
                   fresh: str = "") -> str:
     """One line: what a load carried over, what starts fresh, and which settings changed."""

@@ -120,3 +120,22 @@ def test_a_different_architecture_is_refused_before_the_model_is_built(tmp_path)
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "model.num_layers" in errors[0], proc.stderr[-3000:]
     assert peak_kib < 2 * 2**20, f"the refused run peaked at {peak_kib / 2**20:.1f} GiB"
+
+
+def test_a_changed_sequence_length_is_refused_on_resume_unless_the_data_position_resets(
+        tmp_path):
+    save = tmp_path / "ck"
+    first = train(tmp_path / "run", "schedule.train_iters=2", f"checkpoint.save={save}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = tree(save)
+    line = error_line(train(tmp_path / "run", "schedule.train_iters=4", "data.seq_length=64",
+                            f"checkpoint.save={save}"))
+    assert "data.seq_length=128" in line and "data.seq_length=64" in line, line
+    assert "checkpoint.reset_data_position=true" in line
+    assert tree(save) == before
+    ok = train(tmp_path / "run", "schedule.train_iters=4", "data.seq_length=64",
+               "checkpoint.reset_data_position=true", f"checkpoint.save={save}")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "the data starts from its beginning (the checkpoint had consumed 16 samples)" \
+        in ok.stderr
+    assert (save / "latest").read_text().strip() == "4"
