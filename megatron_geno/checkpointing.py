@@ -32,8 +32,8 @@ from megatron_geno import without_te
 from megatron_geno.checkpoint import strategy
 from megatron_geno.checkpoint.integrity import seal, structural_fault
 from megatron_geno.checkpoint.layout import (
-    TE_KEY_ALIASES, SavedRun, check_data_position, checkpoint_bytes, complete_checkpoints, config_changes,
-    iteration_dir, latest_iteration, open_for_loading, read_common, read_saved_run,
+    TE_KEY_ALIASES, SavedRun, check_data_position, checkpoint_bytes, complete_checkpoints,
+    config_changes, iteration_dir, latest_iteration, open_for_loading, read_common, read_saved_run,
     resolve_checkpoint_dir, resume_point, resume_report, resume_target, save_failed,
     saved_tokenizer, seal_and_publish, space_warning, tokenizer_key,
 )
@@ -49,13 +49,12 @@ from megatron_geno.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointError", "SavedRun", "TE_KEY_ALIASES", "TrainState", "check_data_position",
-           "checkpoint_bytes",
-           "check_architecture", "complete_checkpoints", "config_changes", "iteration_dir",
-           "latest_iteration", "load_checkpoint", "load_model_weights", "open_for_loading",
-           "read_common", "read_saved_run", "resolve_checkpoint_dir", "resume_point",
-           "resume_target", "save_checkpoint", "save_failed", "saved_tokenizer", "seal",
-           "space_warning", "stored_keys", "structural_fault"]
+__all__ = ["CheckpointError", "SavedRun", "TE_KEY_ALIASES", "TrainState", "check_architecture",
+           "check_data_position", "checkpoint_bytes", "complete_checkpoints", "config_changes",
+           "iteration_dir", "latest_iteration", "load_checkpoint", "load_model_weights",
+           "open_for_loading", "read_common", "read_saved_run", "resolve_checkpoint_dir",
+           "resume_point", "resume_target", "save_checkpoint", "save_failed", "saved_tokenizer",
+           "seal", "space_warning", "stored_keys", "structural_fault"]
 
 
 def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainState,
@@ -108,7 +107,8 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, state: TrainS
 
 def _replica_group():
     """The ranks that hold replicas of the same model tensors (data parallel, with context
-    parallel: megatron-core's training glue uses this group for its fully parallel save and load)."""
+    parallel: megatron-core's training glue uses this group for its fully parallel save and
+    load)."""
     from megatron.core import parallel_state
 
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -117,11 +117,11 @@ def _replica_group():
 def load_checkpoint(cfg: TrainConfig, model, optimizer, scheduler, saved_run: SavedRun,
                     fused_adam: bool = False) -> TrainState:
     """Loads the checkpoint read at set-up (saved_run) into model (and optimizer, scheduler, RNG
-    unless weights_only). fused_adam: this run's Adam kernel (runtime.adam == 'fused'); a
-    checkpoint carries the kernel choice of the run that saved it, which this run's replaces."""
+    unless weights_only), whose architecture and data position the set-up has checked
+    (check_architecture, check_data_position: before the model was built). fused_adam: this
+    run's Adam kernel (runtime.adam == 'fused'); a checkpoint carries the kernel choice of the
+    run that saved it, which this run's replaces."""
     ckpt, common = saved_run.path, saved_run.common
-    if "model_config" in common:
-        check_architecture(common["model_config"], cfg.model, ckpt)
     # an import (geno-convert from-hf) holds weights only: fresh optimizer, schedule, data position
     weights_only = cfg.checkpoint.weights_only or saved_run.weights_only
     saved, now = saved_run.tokenizer, cfg.data.tokenizer

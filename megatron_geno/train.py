@@ -258,11 +258,11 @@ class TrainingRun:
             if warning:
                 log.warning("%s", warning)
         self.cfg = cfg = with_padded_vocab(cfg, tokenizer.vocab_size, self.saved_run)
-        if self.saved_run is not None and "model_config" in self.saved_run.common:
-            # refused before the data, the model and the optimizer cost time and memory
-            check_architecture(self.saved_run.common["model_config"], cfg.model,
-                               self.saved_run.path)
         if self.saved_run is not None:
+            # refused before the data, the model and the optimizer cost time and memory
+            if "model_config" in self.saved_run.common:
+                check_architecture(self.saved_run.common["model_config"], cfg.model,
+                                   self.saved_run.path)
             check_data_position(self.saved_run, cfg)
         self.runtime = runtime = dataclasses.replace(
             runtime, padded_vocab_size=cfg.model.padded_vocab_size)
@@ -407,7 +407,7 @@ class TrainingRun:
         """The newest complete checkpoint in checkpoint.save (this run's or one it resumed)."""
         save = self.cfg.checkpoint.save
         found = complete_checkpoints(save) if save else []
-        return found[0] if found else (self.saved[-1] if self.saved else None)
+        return found[0] if found else None
 
     def abandon_save(self) -> None:
         """On an error that not every rank may share (no collective can run): the background

@@ -134,24 +134,9 @@ def verify_checksums(ckpt: str | Path, share: tuple[int, int] = (0, 1)) -> list[
                     ckpt, CHECKSUMS)
         return []
     rank, world = share
-    faults, unusable = [], set()
     names = sorted(document["files"])
     mine = {name for n, name in enumerate(names) if n % world == rank}
-    for name in sorted(mine):
-        _check_storage_path(ckpt, name)
-        path, expected = ckpt / name, document["files"][name]
-        if not path.exists():
-            faults.append(f"{path} is missing")
-            unusable.add(name)
-            continue
-        size = path.stat().st_size
-        if size != expected.get("size"):
-            faults.append(f"{path} has {size} bytes, {expected.get('size')} were written "
-                          f"(truncated or damaged)")
-            unusable.add(name)
-            continue
-        if "crc32c" in expected and _crc_file(path)[1] != expected["crc32c"]:
-            faults.append(f"{path}: content checksum mismatch")
+    faults, unusable = _file_faults(ckpt, document, mine)
     handles: dict[str, object] = {}
     try:
         for item in document["items"]:
@@ -170,6 +155,28 @@ def verify_checksums(ckpt: str | Path, share: tuple[int, int] = (0, 1)) -> list[
     return faults
 
 
+def _file_faults(ckpt: Path, document: dict, names) -> tuple[list[str], set]:
+    """(faults, names unusable) of the files NAMES of checksums.json's document: each present,
+    of the size written, and of its CRC32C where the file has one (.metadata, common.pt)."""
+    faults, unusable = [], set()
+    for name in sorted(names):
+        _check_storage_path(ckpt, name)
+        path, expected = ckpt / name, document["files"][name]
+        if not path.exists():
+            faults.append(f"{path} is missing")
+            unusable.add(name)
+            continue
+        size = path.stat().st_size
+        if size != expected.get("size"):
+            faults.append(f"{path} has {size} bytes, {expected.get('size')} were written "
+                          f"(truncated or damaged)")
+            unusable.add(name)
+            continue
+        if "crc32c" in expected and _crc_file(path)[1] != expected["crc32c"]:
+            faults.append(f"{path}: content checksum mismatch")
+    return faults, unusable
+
+
 def check_index_files(ckpt: str | Path) -> Optional[dict]:
     """Checks .metadata and common.pt (small) against checksums.json, and every data file's
     size, and returns the document for the load to check each item as it reads it (None, with
@@ -180,16 +187,9 @@ def check_index_files(ckpt: str | Path) -> Optional[dict]:
         log.warning("%s has no %s (written by an older version): its content is not verified",
                     ckpt, CHECKSUMS)
         return None
-    for name, expected in sorted(document["files"].items()):
-        _check_storage_path(ckpt, name)
-        path = ckpt / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing")
-        if path.stat().st_size != expected.get("size"):
-            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {expected.get('size')}"
-                                  f" were written (truncated or damaged)")
-        if "crc32c" in expected and _crc_file(path)[1] != expected["crc32c"]:
-            raise CheckpointError(f"{path}: content checksum mismatch")
+    faults, _ = _file_faults(ckpt, document, document["files"])
+    if faults:
+        raise CheckpointError(faults[0])
     return document
 
 

@@ -64,8 +64,9 @@ def latest_iteration(directory: str | Path) -> Optional[int]:
     return int(text)
 
 
-def complete_checkpoints(save: str | Path) -> list[Path]:
-    """The structurally complete checkpoints under SAVE, newest iteration first.
+def complete_checkpoints(save: str | Path, since: int = 0) -> list[Path]:
+    """The structurally complete checkpoints under SAVE, newest iteration first (only those at
+    iteration SINCE or later are checked and listed).
 
     ``iter_N.replaced`` (the previous copy of an iteration being re-saved) counts when
     ``iter_N`` itself is not complete.
@@ -76,7 +77,7 @@ def complete_checkpoints(save: str | Path) -> list[Path]:
         return []
     for entry in sorted(save.iterdir(), key=lambda p: p.name):  # iter_N before iter_N.replaced
         match = _ITER_DIR.match(entry.name)
-        if not match or int(match.group(1)) in found:
+        if not match or int(match.group(1)) in found or int(match.group(1)) < since:
             continue
         if integrity.structural_fault(entry) is None:
             found[int(match.group(1))] = entry
@@ -93,20 +94,23 @@ def resume_point(save: str | Path, fallback: bool = True) -> Optional[Path]:
     """
     save = Path(save)
     marker = save / "latest"
+    candidates = None
     try:
         iteration = latest_iteration(save)
     except CheckpointError as err:
         iteration, problem = None, str(err)
     else:
         if iteration is None:
-            if not complete_checkpoints(save):
+            candidates = complete_checkpoints(save)
+            if not candidates:
                 return None
             problem = "it is missing"  # but complete checkpoints are there: never start over
         else:
             problem = integrity.structural_fault(iteration_dir(save, iteration))
         if problem is None:
             return iteration_dir(save, iteration)
-    candidates = complete_checkpoints(save)
+    if candidates is None:
+        candidates = complete_checkpoints(save)
     if not candidates:
         raise CheckpointError(f"{_latest_problem(marker, problem)} and {save} holds no other "
                               f"complete checkpoint")
@@ -170,10 +174,9 @@ def _iteration_of(ckpt: Path) -> int:
 def _refuse_overwrite(save: Path, start: int, target: Optional[Path]) -> None:
     """CheckpointError when SAVE holds a complete checkpoint this run's saves would replace: one
     at an iteration beyond START (another run's, or this one's before a rollback)."""
-    for ckpt in complete_checkpoints(save):
+    for ckpt in complete_checkpoints(save, since=start):
         iteration = int(_ITER_DIR.match(ckpt.name).group(1))
-        if iteration < start or (iteration == start and target is not None
-                                 and ckpt.resolve() == target.resolve()):
+        if iteration == start and target is not None and ckpt.resolve() == target.resolve():
             break
         raise CheckpointError(
             f"checkpoint.save={save} holds the complete checkpoint {ckpt.name}, which this run "

@@ -146,8 +146,6 @@ def trusted_load(sharded_state_dict: dict, ckpt: str | Path, checksums: Optional
         raise CheckpointError(f"cannot load checkpoint {ckpt}: {one_line(err)}") from err
 
 
-
-
 class _ChecksummingWriter(_mcore_torch.FileSystemWriterAsync):
     """megatron-core's torch_dist writer with every item checksummed as it is written
     (integrity.checksumming_transforms: torch's stream-transform hook; no byte changes)."""
