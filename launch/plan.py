@@ -227,8 +227,7 @@ def save_schedule(cfg: TrainConfig, result: Plan) -> str:
     """When saves fall: by step (checkpoint.save_interval), by wall time (checkpoint.
     save_interval_minutes, over a step time expected at ASSUMED_MFU of an H100's bf16 peak),
     and what retention keeps."""
-    from megatron_geno.arithmetic import flops_per_token
-    from megatron_geno.metrics import PEAK_BF16_FLOPS
+    from megatron_geno.arithmetic import PEAK_BF16_FLOPS, flops_per_token
 
     c = cfg.checkpoint
     if not c.save:

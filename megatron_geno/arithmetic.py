@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from megatron_geno.config import ConfigError, ModelConfig
 
+# dense bf16 peak FLOP/s per GPU, for MFU (metrics) and the expected step time (launch.plan)
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Returns vocab_size rounded up to a multiple of divisible_by x tensor_parallel."""

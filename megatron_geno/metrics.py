@@ -9,12 +9,10 @@ from typing import Optional
 
 import torch
 
+from megatron_geno.arithmetic import PEAK_BF16_FLOPS
 from megatron_geno.config import ConfigError
 
 log = logging.getLogger(__name__)
-
-# Dense bf16 peak FLOP/s per GPU, for MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
 def peak_flops() -> Optional[float]:
